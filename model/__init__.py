@@ -1,0 +1,1 @@
+"""lmserve model package."""

@@ -1,0 +1,356 @@
+"""The Transformer, read top to bottom: embeddings + positions, attention, FFN, Add & Norm, Linear + Softmax.
+
+One `Transformer` class covers the original encoder-decoder (post-norm "Add & Norm", sinusoidal positions,
+ReLU FFN) and modern decoder-only models (pre-norm RMSNorm, RoPE, SwiGLU, grouped-query attention); see
+`ModelConfig` for the switches.
+
+Conventions for `forward`:
+- `positions` (B, T) holds each token's position in its sequence; -1 marks padding. Padding neither
+  attends nor is attended to, and is never written into the KV cache.
+- With a `KVCache`, new keys/values are written at their positions in cache rows `cache_rows` (default
+  0..B-1), and each token attends to its row's slots 0..position: rows of different lengths share a batch.
+- `logits_at` (B,) picks one position per row to project to the vocabulary, so decoding never builds a
+  (B, T, vocab) tensor; None returns logits for every position (training).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()  # statistics in fp32 even for bf16/fp16 activations
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm_type == "rmsnorm":
+        return RMSNorm(config.hidden_size, config.norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.bias)
+
+
+# ---- positions ------------------------------------------------------------------------------------------
+
+
+def rope_table(head_dim: int, max_positions: int, theta: float) -> torch.Tensor:
+    """(max_positions, 2, head_dim): cos and sin of each position's rotation angles (Llama's half-split layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    angles = torch.outer(torch.arange(max_positions).float(), inv_freq)  # (P, D/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (P, D)
+    return torch.stack((angles.cos(), angles.sin()), dim=1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates x (B, H, T, D) by per-token angles cos/sin (B, T, D)."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def sinusoidal_table(max_positions: int, dim: int) -> torch.Tensor:
+    """(max_positions, dim): PE(pos, 2i) = sin(pos / 10000^(2i/dim)), PE(pos, 2i+1) = cos(same)."""
+    position = torch.arange(max_positions).float()[:, None]
+    div = torch.exp(torch.arange(0, dim, 2).float() * (-math.log(10000.0) / dim))
+    table = torch.zeros(max_positions, dim)
+    table[:, 0::2] = torch.sin(position * div)
+    table[:, 1::2] = torch.cos(position * div)
+    return table
+
+
+# ---- attention ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttentionContext:
+    """What every layer needs to know about this forward pass; built once per pass, not per layer."""
+
+    mask: torch.Tensor | None  # (B, 1, T, S) bool, True = may attend; None with is_causal
+    is_causal: bool = False
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (B, T, D)
+    cache: KVCache | None = None
+    cache_rows: torch.Tensor | None = None
+    cache_slots: torch.Tensor | None = None  # (B, T)
+    kv_len: int = 0
+    memory: torch.Tensor | None = None  # encoder output (B, S_src, C) when no cache holds its K/V
+    cross_mask: torch.Tensor | None = None  # (B, 1, 1, S_src)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped key/value heads; self-attention or cross-attention (K/V from the encoder)."""
+
+    def __init__(self, config: ModelConfig, cross: bool = False) -> None:
+        super().__init__()
+        self.cross = cross
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.dropout = config.dropout
+        dim, bias = config.hidden_size, config.bias
+        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, _ = x.shape
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, layer: int) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        mask, is_causal = ctx.mask, ctx.is_causal
+        if self.cross:
+            mask, is_causal = ctx.cross_mask, False
+            if ctx.memory is not None:
+                k, v = self.project_kv(ctx.memory)
+            else:
+                k, v = ctx.cache.cross(layer, ctx.cache_rows, B, ctx.cross_mask.shape[-1])
+        else:
+            k, v = self.project_kv(x)
+            if ctx.rope is not None:
+                q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+            if ctx.cache is not None:
+                k, v = ctx.cache.update(layer, ctx.cache_rows, ctx.cache_slots, k, v, ctx.kv_len)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN: down(act(up(x))), or down(silu(gate(x)) * up(x)) for SwiGLU."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        dim, hidden, bias = config.hidden_size, config.intermediate_size, config.bias
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias) if config.activation == "swiglu" else None
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.act: Callable[[torch.Tensor], torch.Tensor] = {
+            "relu": F.relu,
+            "gelu": F.gelu,
+            "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+            "swiglu": F.silu,
+        }[config.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is not None:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    """One layer: self-attention, [cross-attention,] FFN, each wrapped in a residual Add & Norm."""
+
+    def __init__(self, config: ModelConfig, cross_attention: bool = False) -> None:
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.self_attn = Attention(config)
+        self.attn_norm = make_norm(config)
+        self.cross_attn = Attention(config, cross=True) if cross_attention else None
+        self.cross_attn_norm = make_norm(config) if cross_attention else None
+        self.mlp = FeedForward(config)
+        self.mlp_norm = make_norm(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def residual(self, x: torch.Tensor, norm: nn.Module, sublayer: Callable) -> torch.Tensor:
+        if self.pre_norm:
+            return x + self.dropout(sublayer(norm(x)))  # x + f(Norm(x))
+        return norm(x + self.dropout(sublayer(x)))  # Norm(x + f(x)): the original "Add & Norm"
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, layer: int) -> torch.Tensor:
+        x = self.residual(x, self.attn_norm, lambda h: self.self_attn(h, ctx, layer))
+        if self.cross_attn is not None:
+            x = self.residual(x, self.cross_attn_norm, lambda h: self.cross_attn(h, ctx, layer))
+        return self.residual(x, self.mlp_norm, self.mlp)
+
+
+# ---- the model ------------------------------------------------------------------------------------------
+
+
+def padding_aware_mask(positions: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(B, 1, T, T) mask over the tokens of this pass: real keys only (and only earlier ones when causal).
+
+    A padding query still sees itself, so no row of the mask is empty (an empty row gives NaN)."""
+    real_key = (positions >= 0)[:, None, :]  # (B, 1, T)
+    allowed = real_key & (positions[:, None, :] <= positions[:, :, None]) if causal else real_key.expand(
+        -1, positions.shape[1], -1)
+    eye = torch.eye(positions.shape[1], dtype=torch.bool, device=positions.device)
+    return (allowed | eye)[:, None]
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_positions = (nn.Embedding(config.max_position_embeddings, config.hidden_size)
+                                if config.position_embedding == "learned" else None)
+        self.embed_scale = math.sqrt(config.hidden_size) if config.scale_embedding else 1.0
+        self.dropout = nn.Dropout(config.dropout)
+        self.encoder_layers = nn.ModuleList(Block(config) for _ in range(config.num_encoder_layers))
+        self.layers = nn.ModuleList(
+            Block(config, cross_attention=config.is_encoder_decoder) for _ in range(config.num_hidden_layers))
+        # pre-norm stacks end with a norm; post-norm outputs are already normalised
+        pre = config.norm_position == "pre"
+        self.encoder_norm = make_norm(config) if pre and config.is_encoder_decoder else None
+        self.norm = make_norm(config) if pre else None
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_buffers()
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the projections into the residual
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * (config.num_hidden_layers + config.num_encoder_layers)))
+        self.tie_weights()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)computes the position tables: they are derived from the config, never stored in checkpoints."""
+        device = device or self.embed_tokens.weight.device
+        c = self.config
+        rope = sinusoid = None
+        if c.position_embedding == "rope":
+            rope = rope_table(c.head_dim, c.max_position_embeddings, c.rope_theta).to(device)
+        elif c.position_embedding == "sinusoidal":
+            sinusoid = sinusoidal_table(c.max_position_embeddings, c.hidden_size).to(device)
+        self.register_buffer("rope", rope, persistent=False)
+        self.register_buffer("sinusoid", sinusoid, persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(ids) * self.embed_scale  # (B, T, C)
+        safe_positions = positions.clamp(min=0)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(safe_positions)
+        elif self.sinusoid is not None:
+            x = x + self.sinusoid[safe_positions].to(x.dtype)
+        return self.dropout(x)
+
+    def rope_for(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.rope is None:
+            return None
+        table = self.rope[positions.clamp(min=0)]  # (B, T, 2, D)
+        return table[:, :, 0], table[:, :, 1]
+
+    def encode(self, source_ids: torch.Tensor, source_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder pass (bidirectional self-attention) over right-padded sources: (B, S) -> (B, S, C)."""
+        B, S = source_ids.shape
+        positions = torch.arange(S, device=source_ids.device).expand(B, S)
+        if source_lengths is not None:
+            positions = positions.masked_fill(positions >= source_lengths[:, None], -1)
+        ctx = AttentionContext(mask=padding_aware_mask(positions, causal=False), rope=self.rope_for(positions))
+        x = self.embed(source_ids, positions)
+        for i, layer in enumerate(self.encoder_layers):
+            x = layer(x, ctx, i)
+        return self.encoder_norm(x) if self.encoder_norm is not None else x
+
+    def write_cross_cache(self, cache: KVCache, rows: torch.Tensor, memory: torch.Tensor,
+                          source_lengths: torch.Tensor) -> None:
+        """Computes every decoder layer's cross-attention K/V once per admitted sequence."""
+        for i, layer in enumerate(self.layers):
+            cache.write_cross(i, rows, *layer.cross_attn.project_kv(memory))
+        cache.source_lengths[rows] = source_lengths
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        cache_rows: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
+        source_lengths: torch.Tensor | None = None,
+        kv_len: int | None = None,
+    ) -> torch.Tensor:
+        """Decoder pass: token ids (B, T) -> logits (B, V) at `logits_at`, or (B, T, V) for every position.
+
+        Encoder-decoder models take the encoder output as `memory` (with `source_lengths`), or read the
+        cross-attention K/V that `write_cross_cache` stored in the cache. `kv_len` (> every position) may be
+        given to skip a device sync."""
+        B, T = input_ids.shape
+        contiguous = positions is None
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        ctx = AttentionContext(mask=None, rope=self.rope_for(positions))
+        if cache is not None:
+            ctx.cache, ctx.cache_rows, ctx.cache_slots = cache, cache_rows, cache.write_slots(positions)
+            ctx.kv_len = kv_len if kv_len is not None else int(positions.max()) + 1
+            slots = torch.arange(ctx.kv_len, device=positions.device)
+            ctx.mask = (slots <= positions.clamp(min=0)[:, :, None])[:, None]  # (B, 1, T, S)
+        elif contiguous or bool((positions == torch.arange(T, device=positions.device)).all()):
+            ctx.is_causal = True  # plain sequences from position 0: the fast causal kernel
+        else:
+            ctx.mask = padding_aware_mask(positions, causal=True)
+        if self.config.is_encoder_decoder:
+            ctx.memory = memory
+            if memory is not None:
+                src_len = memory.shape[1]
+                lengths = source_lengths if source_lengths is not None else torch.full(
+                    (B,), src_len, device=input_ids.device)
+            else:
+                lengths = cache.source_lengths[cache_rows] if cache_rows is not None else cache.source_lengths[:B]
+                src_len = int(lengths.max())
+            ctx.cross_mask = (torch.arange(src_len, device=input_ids.device) < lengths[:, None])[:, None, None]
+
+        x = self.embed(input_ids, positions)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ctx, i)
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at]  # (B, C): only the positions asked for
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.lm_head(x).float()  # logits in fp32 whatever the weights' dtype
+
+
+# ---- probabilities --------------------------------------------------------------------------------------
+
+
+def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Numerically stable log-softmax over the vocabulary, accumulated in fp32."""
+    return torch.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(logits / T): the next-token distribution, in fp32."""
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / T) in nats, without log(0) trouble."""
+    logp = log_probs(logits, temperature)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, 0.0).sum(-1)  # 0 * log 0 = 0 for masked (-inf) logits
