@@ -295,11 +295,13 @@ class Transformer(nn.Module):
         memory: torch.Tensor | None = None,
         source_lengths: torch.Tensor | None = None,
         kv_len: int | None = None,
+        source_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decoder pass: token ids (B, T) -> logits (B, V) at `logits_at`, or (B, T, V) for every position.
 
-        Encoder-decoder models take the encoder output as `memory` (with `source_lengths`), or read the
-        cross-attention K/V that `write_cross_cache` stored in the cache. `kv_len` (> every position) may be
+        Encoder-decoder models take the encoder output as `memory` (with `source_lengths`), or the source
+        tokens as `source_ids` (encoded here: one call for training), or read the cross-attention K/V that
+        `write_cross_cache` stored in the cache. `kv_len` (> every position) may be
         given to skip a device sync."""
         B, T = input_ids.shape
         contiguous = positions is None
@@ -316,6 +318,8 @@ class Transformer(nn.Module):
         else:
             ctx.mask = padding_aware_mask(positions, causal=True)
         if self.config.is_encoder_decoder:
+            if source_ids is not None:
+                memory = self.encode(source_ids, source_lengths)
             ctx.memory = memory
             if memory is not None:
                 src_len = memory.shape[1]

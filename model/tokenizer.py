@@ -54,7 +54,9 @@ class Tokenizer:
         self.backend.save(os.fspath(path))
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    def train(
+        cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2, split_digits: bool = False
+    ) -> Tokenizer:
         """Train a byte-level BPE tokenizer on ``texts``.
 
         Byte-level (GPT-2 style) is chosen because, with all 256 byte symbols in the initial
@@ -65,14 +67,20 @@ class Tokenizer:
 
         ``vocab_size`` counts the three special tokens (pad=0, bos=1, eos=2) and the 256 byte
         symbols, so it must be at least 259. On a small corpus the result may be smaller than
-        ``vocab_size`` when no more pairs reach ``min_frequency``.
+        ``vocab_size`` when no more pairs reach ``min_frequency``. ``split_digits`` makes every digit
+        its own token (as Llama does), which makes numbers far easier to learn.
         """
         specials = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]
         alphabet = pre_tokenizers.ByteLevel.alphabet()
         if vocab_size < len(alphabet) + len(specials):
             raise ValueError(f"vocab_size must be >= {len(alphabet) + len(specials)}, got {vocab_size}")
         backend = tokenizers.Tokenizer(models.BPE())
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.pre_tokenizer = (
+            pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+            if split_digits
+            else byte_level
+        )
         backend.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
