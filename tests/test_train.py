@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import csv
-import math
 import dataclasses
+import math
 import os
 import random
 import socket
