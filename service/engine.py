@@ -1,0 +1,333 @@
+"""The inference engine: continuous batching in a background thread, with an asyncio-friendly API.
+
+    engine = Engine.from_checkpoint("checkpoints/default")
+    engine.start()
+    async for out in engine.submit(GenerationRequest(prompt_ids, GenerationParams(max_new_tokens=32))):
+        print(out.text, end="")
+
+The thread loops: take new requests and aborts from the inbox, ask the scheduler for a plan, let the runner
+execute it, sample one token per sequence that produced logits, then detokenize, check stops and hand the
+outputs to each request's asyncio queue. The HTTP layer only calls `submit`, `abort`, `next_token_probs`
+and reads `stats`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from model.checkpoint import Checkpoint, load_checkpoint
+from model.tokenizer import IncrementalDetokenizer
+from service.requests import (
+    FinishReason,
+    GenerationRequest,
+    RequestOutput,
+    StopStringMatcher,
+    TokenLogprob,
+)
+from service.runner import DecodeInput, ModelRunner, default_dtype, resolve_device
+from service.sampling import RowState, make_generator, sample, top_k_distribution
+from service.scheduler import Scheduler, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """The engine cannot take this request now (queue full, shutting down, or dead)."""
+
+
+class QueueFull(EngineError):
+    pass
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 32  # sequences decoding together (KV-cache rows)
+    max_seq_len: int | None = None  # context per sequence; default: the model's max_position_embeddings
+    max_prefill_tokens: int = 512  # prompt tokens per step; longer prompts are chunked
+    max_queue: int = 256  # waiting requests beyond which submit raises QueueFull
+    cuda_graphs: bool = True
+    seed: int = 0  # for requests without their own seed
+
+
+@dataclass
+class _Active:
+    """Engine-thread state of one request."""
+
+    request: GenerationRequest
+    seq: Sequence
+    sink: Callable[[RequestOutput], None]
+    tokens: list[int]  # decoder tokens: prompt + generated
+    row_state: RowState
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher
+    output_ids: list[int] = field(default_factory=list)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+
+class Engine:
+    def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None) -> None:
+        self.checkpoint = checkpoint
+        self.config = config or EngineConfig()
+        model_config = checkpoint.model.config
+        self.max_seq_len = min(self.config.max_seq_len or model_config.max_position_embeddings,
+                               model_config.max_position_embeddings)
+        self.tokenizer = checkpoint.tokenizer
+        self.eos_id = checkpoint.generation.eos_token_id
+        self.vocab_size = model_config.vocab_size
+        self.is_encoder_decoder = model_config.is_encoder_decoder
+        self.runner = ModelRunner(checkpoint.model, self.config.max_batch_size, self.max_seq_len,
+                                  max_source_len=self.max_seq_len if self.is_encoder_decoder else None,
+                                  cuda_graphs=self.config.cuda_graphs)
+        self.device = self.runner.device
+        self.scheduler = Scheduler(self.config.max_batch_size, self.max_seq_len, self.config.max_prefill_tokens)
+        self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._active: dict[str, _Active] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._accepting = True
+        self.dead_reason: str | None = None
+        self.stats: dict[str, Any] = self._snapshot()
+
+    @classmethod
+    def from_checkpoint(cls, path: str, device: str = "auto", dtype: str | None = None,
+                        config: EngineConfig | None = None) -> Engine:
+        torch_device = resolve_device(device)
+        checkpoint = load_checkpoint(path, device=torch_device, dtype=dtype or default_dtype(torch_device))
+        return cls(checkpoint, config)
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="lmserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead_reason is None
+
+    def shutdown(self, grace_seconds: float = 0.0) -> None:
+        """Stops taking requests, lets in-flight ones finish for up to grace_seconds, aborts the rest."""
+        self._accepting = False
+        deadline = time.monotonic() + grace_seconds
+        while self.stats["running"] + self.stats["waiting"] > 0 and time.monotonic() < deadline and self.alive:
+            time.sleep(0.01)
+        self._stopping.set()
+        self._inbox.put(("wake",))
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # ---- the API the HTTP layer calls ----------------------------------------------------------------
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raises ValueError (naming the field) for a request the engine would refuse, before any compute."""
+        params = request.params
+        params.validate(self.vocab_size)
+        prompt = request.prompt_ids
+        if not prompt:
+            raise ValueError("prompt: must hold at least one token")
+        if any(not 0 <= t < self.vocab_size for t in prompt):
+            raise ValueError(f"prompt: token ids must be in [0, {self.vocab_size})")
+        if self.is_encoder_decoder and not request.source_ids:
+            raise ValueError("prompt: an encoder-decoder model needs a non-empty source")
+        if request.source_ids and len(request.source_ids) > self.max_seq_len:
+            raise ValueError(f"prompt: the source has {len(request.source_ids)} tokens; the limit is {self.max_seq_len}")
+        if len(prompt) + params.max_new_tokens > self.max_seq_len:
+            raise ValueError(f"max_new_tokens: the prompt has {len(prompt)} tokens and max_new_tokens is "
+                             f"{params.max_new_tokens}, together more than the context length {self.max_seq_len}")
+
+    async def submit(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Queues the request and yields its outputs as they come; leaving the loop early aborts it."""
+        self.check(request)
+        if not self._accepting or not self.alive:
+            raise EngineError(self.dead_reason or "the engine is not accepting requests")
+        if self.stats["waiting"] + self._inbox.qsize() >= self.config.max_queue:
+            raise QueueFull(f"the waiting queue is full ({self.config.max_queue} requests)")
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._inbox.put(("add", request, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)))
+        finished = False
+        try:
+            while True:
+                out = await outputs.get()
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    async def next_token_probs(self, prompts: list[list[int]], top_k: int, temperature: float,
+                               sources: list[list[int]] | None = None) -> list[dict[str, Any]]:
+        """Top-k next tokens (id, text, prob, logprob) and the full distribution's entropy, for each prompt,
+        from one batched forward in the engine thread."""
+        if not self.alive:
+            raise EngineError(self.dead_reason or "the engine is not running")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def reply(result: Any) -> None:
+            setter = future.set_exception if isinstance(result, Exception) else future.set_result
+            loop.call_soon_threadsafe(lambda: future.done() or setter(result))
+        self._inbox.put(("probe", prompts, sources, top_k, temperature, reply))
+        return await future
+
+    # ---- the engine thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._drain_inbox(block=not self.scheduler.has_work)
+                if self.scheduler.has_work:
+                    self._step_guarded()
+                self.stats = self._snapshot()
+        except Exception as e:  # a bug outside any one request: report it on /health
+            log.exception("engine thread died")
+            self.dead_reason = f"engine thread died: {e!r}"
+        finally:
+            for active in list(self._active.values()):
+                self._finish(active, FinishReason.ABORT if self.dead_reason is None else FinishReason.ERROR,
+                             error=self.dead_reason)
+            self.stats = self._snapshot()
+
+    def _snapshot(self) -> dict[str, Any]:
+        s = self.scheduler
+        return {"running": s.max_batch_size - s.free_rows, "waiting": s.num_waiting, "free_rows": s.free_rows,
+                "max_batch_size": s.max_batch_size, "cache_usage": s.cache_usage}
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind = item[0]
+            if kind == "add":
+                self._add(*item[1:])
+            elif kind == "abort":
+                if item[1] in self._active:
+                    self._finish(self._active[item[1]], FinishReason.ABORT)
+            elif kind == "probe":
+                self._probe(*item[1:])
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _add(self, request: GenerationRequest, sink: Callable[[RequestOutput], None]) -> None:
+        params = request.params
+        seq = Sequence(request.request_id, len(request.prompt_ids), params.max_new_tokens)
+        try:
+            self.scheduler.add(seq)
+        except ValueError as e:
+            sink(RequestOutput(request.request_id, "", [], None, len(request.prompt_ids), 0, True,
+                               FinishReason.ERROR, str(e)))
+            return
+        row_state = RowState(params.sampling, make_generator(params.seed, self.device), request.prompt_ids, [])
+        active = _Active(request, seq, sink, list(request.prompt_ids), row_state,
+                         IncrementalDetokenizer(self.tokenizer), StopStringMatcher(params.stop))
+        active.row_state.output_ids = active.output_ids
+        self._active[request.request_id] = active
+
+    def _step_guarded(self) -> None:
+        plan = self.scheduler.schedule()
+        try:
+            self._step(plan)
+        except Exception as e:  # fail the requests of this step; the engine keeps serving the others
+            log.exception("engine step failed")
+            for seq in [c.seq for c in plan.prefill] + plan.decode:
+                if seq.request_id in self._active:
+                    self._finish(self._active[seq.request_id], FinishReason.ERROR, error=f"internal error: {e!r}")
+
+    def _step(self, plan) -> None:
+        runner = self.runner
+        runner.move_rows(plan.moves)
+        if self.is_encoder_decoder:
+            admitted = [self._active[c.seq.request_id] for c in plan.prefill if c.start == 0]
+            if admitted:
+                runner.encode_sources([a.seq.row for a in admitted], [a.request.source_ids for a in admitted])
+        ready: list[tuple[_Active, torch.Tensor]] = []
+        if plan.prefill:
+            tokens = {c.seq.request_id: self._active[c.seq.request_id].tokens for c in plan.prefill}
+            for request_id, logits in runner.prefill(plan.prefill, tokens).items():
+                ready.append((self._active[request_id], logits))
+        if plan.decode:
+            actives = [self._active[s.request_id] for s in plan.decode]
+            logits = runner.decode([DecodeInput(a.seq.row, a.tokens[-1], a.seq.num_tokens - 1) for a in actives])
+            ready.extend(zip(actives, logits))
+        self.scheduler.step_done(plan)
+        if not ready:
+            return
+        result = sample(torch.stack([logits for _, logits in ready]), [a.row_state for a, _ in ready], self.generator)
+        for i, (active, _) in enumerate(ready):
+            top = result.top_logprobs[i]
+            self._accept(active, result.token_ids[i], TokenLogprob(result.token_ids[i], result.logprobs[i], top))
+
+    def _accept(self, active: _Active, token: int, logprob: TokenLogprob) -> None:
+        """Adds a sampled token to its request: stop checks, detokenization, streaming."""
+        params = active.request.params
+        if (token == self.eos_id and not params.ignore_eos) or token in params.stop_token_ids:
+            self._finish(active, FinishReason.STOP)
+            return
+        active.output_ids.append(token)
+        active.tokens.append(token)
+        self.scheduler.append_token(active.seq)
+        text, stopped = active.stops.feed(active.detok.push(token))
+        logprobs = [logprob] if params.logprobs is not None else None
+        if stopped:
+            self._finish(active, FinishReason.STOP, text, [token], logprobs, flush=False)
+        elif len(active.output_ids) >= params.max_new_tokens:
+            self._finish(active, FinishReason.LENGTH, text, [token], logprobs)
+        else:
+            self._emit(active, RequestOutput(active.request_id, text, [token], logprobs,
+                                             len(active.request.prompt_ids), len(active.output_ids)))
+
+    def _finish(self, active: _Active, reason: FinishReason, text: str = "", token_ids: list[int] | None = None,
+                logprobs: list[TokenLogprob] | None = None, error: str | None = None, flush: bool = True) -> None:
+        self.scheduler.finish(active.request_id)
+        self._active.pop(active.request_id, None)
+        if flush:  # whatever the detokenizer and the stop matcher still hold
+            tail, stopped = active.stops.feed(active.detok.flush())
+            text += tail + ("" if stopped else active.stops.flush())
+        if logprobs is None and active.request.params.logprobs is not None:
+            logprobs = []
+        self._emit(active, RequestOutput(active.request_id, text, token_ids or [], logprobs,
+                                         len(active.request.prompt_ids), len(active.output_ids), True, reason, error))
+
+    def _emit(self, active: _Active, output: RequestOutput) -> None:
+        try:
+            active.sink(output)
+        except RuntimeError:  # the client's event loop is gone: nobody is listening
+            if not output.finished:
+                self._finish(active, FinishReason.ABORT)
+
+    def _probe(self, prompts, sources, top_k, temperature, reply) -> None:
+        try:
+            logits = self.runner.last_token_logits(prompts, sources)
+            ids, probs, logprobs, entropy = top_k_distribution(logits, top_k, temperature)
+            results = []
+            for row in range(len(prompts)):
+                tokens = [{"id": i, "text": self.tokenizer.token_text(i), "prob": p, "logprob": lp}
+                          for i, p, lp in zip(ids[row].tolist(), probs[row].tolist(), logprobs[row].tolist())]
+                results.append({"prompt_tokens": len(prompts[row]), "tokens": tokens,
+                                "entropy": float(entropy[row])})
+            reply(results)
+        except Exception as e:
+            log.exception("next-token distribution failed")
+            reply(e)

@@ -1,0 +1,212 @@
+"""The tensors side of the engine: owns the model and the KV cache, and runs the scheduler's plan.
+
+One step = row moves (cache compaction), batched prefill chunks (right-padded, one forward per group of
+similar lengths), then one decode forward over cache rows 0..m, where m is the highest decoding row: rows
+in that block that are not decoding this step (still prefilling) ride along as padding (position -1), so
+decode never gathers cache rows. On CUDA the decode forward is captured as CUDA graphs for a few bucketed
+batch sizes and replayed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from model.kv_cache import KVCache
+from model.model import Transformer
+from service.scheduler import PrefillChunk
+
+log = logging.getLogger(__name__)
+
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass
+class DecodeInput:
+    row: int
+    token: int
+    position: int
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when it is usable; asking for CUDA without it falls back to CPU with a log line."""
+    if name in ("auto", "cuda") or name.startswith("cuda:"):
+        if torch.cuda.is_available():
+            return torch.device("cuda" if name == "auto" else name)
+        if name != "auto":
+            log.warning("CUDA was asked for but is not usable here; running on CPU")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, max_source_len: int | None = None,
+                 cuda_graphs: bool = True) -> None:
+        self.model = model.eval()
+        self.device = model.device
+        self.dtype = model.embed_tokens.weight.dtype
+        self.config = model.config
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.cache = KVCache(self.config, max_batch_size, max_seq_len, device=self.device, dtype=self.dtype,
+                             max_source_len=max_source_len)
+        self.graphs: CudaGraphDecoder | None = None
+        if cuda_graphs and self.device.type == "cuda":
+            self.graphs = CudaGraphDecoder(self, [b for b in GRAPH_BATCH_SIZES if b <= max_batch_size])
+
+    def tensor(self, data: list) -> torch.Tensor:
+        return torch.tensor(data, dtype=torch.long, device=self.device)
+
+    # ---- cache bookkeeping ---------------------------------------------------------------------------
+
+    def move_rows(self, moves: list[tuple[int, int]]) -> None:
+        """Copies cache rows (self and cross attention) as the scheduler compacted them."""
+        c = self.cache
+        for src, dst in moves:
+            c.k[:, dst] = c.k[:, src]
+            c.v[:, dst] = c.v[:, src]
+            if c.cross_k is not None:
+                c.cross_k[:, dst] = c.cross_k[:, src]
+                c.cross_v[:, dst] = c.cross_v[:, src]
+                c.source_lengths[dst] = c.source_lengths[src]
+
+    @torch.inference_mode()
+    def encode_sources(self, rows: list[int], sources: list[list[int]]) -> None:
+        """Encoder pass for newly admitted encoder-decoder sequences: their cross-attention K/V, once."""
+        longest = max(len(s) for s in sources)
+        ids = torch.zeros(len(sources), longest, dtype=torch.long)
+        for i, s in enumerate(sources):
+            ids[i, :len(s)] = torch.tensor(s)
+        lengths = self.tensor([len(s) for s in sources])
+        memory = self.model.encode(ids.to(self.device), lengths)
+        self.model.write_cross_cache(self.cache, self.tensor(rows), memory, lengths)
+
+    # ---- forward passes ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, chunks: list[PrefillChunk], token_ids: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+        """Runs prompt chunks into the cache; returns (V,) logits for each sequence whose prompt completed."""
+        out: dict[str, torch.Tensor] = {}
+        for group in _length_groups(chunks):
+            width = max(c.end - c.start for c in group)
+            ids = torch.zeros(len(group), width, dtype=torch.long)
+            positions = torch.full((len(group), width), -1, dtype=torch.long)
+            for i, c in enumerate(group):
+                n = c.end - c.start
+                ids[i, :n] = torch.tensor(token_ids[c.seq.request_id][c.start:c.end])
+                positions[i, :n] = torch.arange(c.start, c.end)
+            logits = self.model(ids.to(self.device), positions.to(self.device), cache=self.cache,
+                                cache_rows=self.tensor([c.seq.row for c in group]),
+                                logits_at=self.tensor([c.end - c.start - 1 for c in group]),
+                                kv_len=max(c.end for c in group))  # (G, V)
+            for i, c in enumerate(group):
+                if c.completes_prompt:
+                    out[c.seq.request_id] = logits[i]
+        return out
+
+    @torch.inference_mode()
+    def decode(self, inputs: list[DecodeInput]) -> torch.Tensor:
+        """One new token for each input; returns (len(inputs), V) logits in input order."""
+        block = max(i.row for i in inputs) + 1  # cache rows 0..block-1, non-decoding ones as padding
+        if self.graphs is not None and block <= self.graphs.max_batch:
+            logits = self.graphs.run(inputs)
+        else:
+            tokens = [0] * block
+            positions = [-1] * block
+            for i in inputs:
+                tokens[i.row], positions[i.row] = i.token, i.position
+            logits = self.model(self.tensor(tokens)[:, None], self.tensor(positions)[:, None], cache=self.cache,
+                                logits_at=torch.zeros(block, dtype=torch.long, device=self.device),
+                                kv_len=max(positions) + 1)  # (block, V)
+        return logits[self.tensor([i.row for i in inputs])]
+
+    @torch.inference_mode()
+    def last_token_logits(self, prompts: list[list[int]], sources: list[list[int]] | None = None) -> torch.Tensor:
+        """(B, V) next-token logits after each prompt, in one cache-free forward that computes only the last
+        position's logits."""
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        positions = torch.full((len(prompts), width), -1, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p)
+            positions[i, :len(p)] = torch.arange(len(p))
+        kwargs = {}
+        if sources is not None:
+            longest = max(len(s) for s in sources)
+            src = torch.zeros(len(sources), longest, dtype=torch.long)
+            for i, s in enumerate(sources):
+                src[i, :len(s)] = torch.tensor(s)
+            kwargs = dict(source_ids=src.to(self.device), source_lengths=self.tensor([len(s) for s in sources]))
+        return self.model(ids.to(self.device), positions.to(self.device),
+                          logits_at=self.tensor([len(p) - 1 for p in prompts]), **kwargs)
+
+
+def _length_groups(chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
+    """Groups chunks so right-padding at most doubles the tokens computed."""
+    groups: list[list[PrefillChunk]] = []
+    for c in sorted(chunks, key=lambda c: c.start - c.end):  # longest first
+        n = c.end - c.start
+        if groups:
+            group = groups[-1]
+            width = group[0].end - group[0].start
+            real = sum(g.end - g.start for g in group) + n
+            if (len(group) + 1) * width <= 2 * real:
+                group.append(c)
+                continue
+        groups.append([c])
+    return groups
+
+
+class CudaGraphDecoder:
+    """Decode steps captured as CUDA graphs, one per bucketed batch size (as gpt-fast does with
+    torch.compile's reduce-overhead mode): static input buffers, attention over every cache slot with the
+    position mask, replayed with one launch instead of hundreds of kernel launches per token."""
+
+    def __init__(self, runner: ModelRunner, batch_sizes: list[int]) -> None:
+        self.runner = runner
+        device = runner.device
+        self.max_batch = max(batch_sizes)
+        self.tokens = torch.zeros(self.max_batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.full((self.max_batch, 1), -1, dtype=torch.long, device=device)
+        self.zeros = torch.zeros(self.max_batch, dtype=torch.long, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        pool = None
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            for b in sorted(batch_sizes, reverse=True):  # largest first so smaller graphs reuse its memory pool
+                for _ in range(2):  # warm up kernels (cuBLAS handles, autotuning) outside capture
+                    self._forward(b)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self.outputs[b] = self._forward(b)
+                pool = graph.pool()
+                self.graphs[b] = graph
+        torch.cuda.current_stream().wait_stream(stream)
+        runner.cache.k.zero_()
+        runner.cache.v.zero_()
+        log.info("captured CUDA graphs for decode batch sizes %s", sorted(batch_sizes))
+
+    def _forward(self, b: int) -> torch.Tensor:
+        r = self.runner
+        return r.model(self.tokens[:b], self.positions[:b], cache=r.cache, logits_at=self.zeros[:b],
+                       kv_len=r.max_seq_len)
+
+    def run(self, inputs: list[DecodeInput]) -> torch.Tensor:
+        block = max(i.row for i in inputs) + 1
+        b = next(size for size in sorted(self.graphs) if size >= block)
+        tokens = torch.zeros(b, 1, dtype=torch.long)
+        positions = torch.full((b, 1), -1, dtype=torch.long)
+        for i in inputs:
+            tokens[i.row, 0], positions[i.row, 0] = i.token, i.position
+        self.tokens[:b].copy_(tokens, non_blocking=True)
+        self.positions[:b].copy_(positions, non_blocking=True)
+        self.graphs[b].replay()
+        return self.outputs[b]
+
