@@ -1,0 +1,175 @@
+"""Decode throughput: lmserve's engine vs Hugging Face transformers vs the machine's bounds, in one process.
+
+    python bench/decode.py                       # CPU, float32, GPT-2-small shape (124M parameters)
+    python bench/decode.py --device cuda --batch-sizes 1 32 128
+
+Same random weights for both (GPT-2 small shape, float32), prompt 32 tokens, 64 new tokens, greedy.
+- bandwidth bound: single-stream decoding must read every weight once per token, so
+  tokens/s <= measured read bandwidth / bytes of weights;
+- compute bound: tokens/s <= measured GEMM FLOP/s / (2 x parameters) at large batch;
+- transformers `generate` at batch 1 and 32; lmserve at 1 stream and 32 concurrent streams of mixed
+  prompt lengths (16..48 tokens, mean 32), through the engine's async API.
+Ends with `RESULT single_stream_vs_bound=... batch32_vs_hf=...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import Checkpoint, GenerationConfig
+from model.config import ModelConfig
+from model.model import Transformer
+from model.tokenizer import Tokenizer
+from service.engine import Engine, EngineConfig
+from service.requests import GenerationParams, GenerationRequest
+
+PROMPT, NEW = 32, 64
+GPT2_SMALL = dict(vocab_size=50257, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                  intermediate_size=3072, max_position_embeddings=1024, position_embedding="learned",
+                  norm_type="layernorm", activation="gelu_tanh", bias=True, norm_eps=1e-5)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_of(fn, repeats: int, device: torch.device) -> float:
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def read_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes/s that a full pass over a large buffer reads (a sum touches each byte once)."""
+    x = torch.ones(nbytes // 4, device=device)
+    x.sum()
+    return nbytes / best_of(lambda: x.sum().item(), 5, device)
+
+
+def gemm_flops(device: torch.device, dtype: torch.dtype) -> float:
+    n = 4096 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    return 2 * n**3 / best_of(lambda: a @ b, 5, device)
+
+
+def to_hf_gpt2(model: Transformer):
+    """The same weights in transformers' GPT2LMHeadModel (its Conv1D layers store weights transposed)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.config
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.max_position_embeddings,
+                                    n_embd=c.hidden_size, n_layer=c.num_hidden_layers, n_head=c.num_attention_heads,
+                                    n_inner=c.intermediate_size, layer_norm_epsilon=c.norm_eps,
+                                    activation_function="gelu_new", attn_pdrop=0, embd_pdrop=0, resid_pdrop=0))
+    state = {"transformer.wte.weight": model.embed_tokens.weight, "transformer.wpe.weight": model.embed_positions.weight,
+             "transformer.ln_f.weight": model.norm.weight, "transformer.ln_f.bias": model.norm.bias}
+    for i, layer in enumerate(model.layers):
+        p, a, m = f"transformer.h.{i}.", layer.self_attn, layer.mlp
+        state |= {
+            p + "ln_1.weight": layer.attn_norm.weight, p + "ln_1.bias": layer.attn_norm.bias,
+            p + "ln_2.weight": layer.mlp_norm.weight, p + "ln_2.bias": layer.mlp_norm.bias,
+            p + "attn.c_attn.weight": torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).T,
+            p + "attn.c_attn.bias": torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]),
+            p + "attn.c_proj.weight": a.o_proj.weight.T, p + "attn.c_proj.bias": a.o_proj.bias,
+            p + "mlp.c_fc.weight": m.up_proj.weight.T, p + "mlp.c_fc.bias": m.up_proj.bias,
+            p + "mlp.c_proj.weight": m.down_proj.weight.T, p + "mlp.c_proj.bias": m.down_proj.bias,
+        }
+    hf.load_state_dict({k: v.detach().contiguous() for k, v in state.items()}, strict=False)
+    hf.tie_weights()
+    return hf.eval()
+
+
+def hf_tokens_per_s(hf, batch: int, device: torch.device) -> float:
+    ids = torch.randint(0, hf.config.vocab_size, (batch, PROMPT), device=device)
+    kwargs = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        hf.generate(ids[:, :8], max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+        seconds = best_of(lambda: hf.generate(ids, **kwargs), 2 if batch > 1 else 3, device)
+    return batch * NEW / seconds
+
+
+def lmserve_tokens_per_s(engine: Engine, streams: int, mixed: bool) -> float:
+    g = torch.Generator().manual_seed(streams)
+    lengths = [PROMPT + (i * 13) % 33 - 16 if mixed else PROMPT for i in range(streams)]
+    params = GenerationParams(max_new_tokens=NEW, temperature=0, ignore_eos=True)
+
+    async def one(n: int) -> int:
+        prompt = torch.randint(0, engine.vocab_size, (n,), generator=g).tolist()
+        return sum(len(o.token_ids) async for o in engine.submit(GenerationRequest(prompt, params)))
+
+    async def all_streams() -> int:
+        return sum(await asyncio.gather(*(one(n) for n in lengths)))
+    asyncio.run(all_streams())  # warm-up
+    best = 0.0
+    for _ in range(2 if streams > 1 else 3):
+        start = time.perf_counter()
+        tokens = asyncio.run(all_streams())
+        best = max(best, tokens / (time.perf_counter() - start))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="besides 1 (default 1 32)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**GPT2_SMALL)).to(device).eval()
+    params = model.num_parameters()
+    weight_bytes = params * 4
+
+    bandwidth, flops = read_bandwidth(device), gemm_flops(device, torch.float32)
+    bound_1 = bandwidth / weight_bytes
+    bound_compute = flops / (2 * params)
+    print(f"device {device}, {torch.get_num_threads()} threads; GPT-2-small shape, {params / 1e6:.1f}M params, "
+          f"float32 ({weight_bytes / 1e6:.0f} MB)")
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s -> single-stream bound {bound_1:.1f} tok/s")
+    print(f"GEMM {flops / 1e9:.0f} GFLOP/s -> compute bound {bound_compute:.0f} tok/s")
+
+    hf = to_hf_gpt2(model).to(device)
+    with torch.inference_mode():
+        probe = torch.randint(0, 50257, (1, 16), device=device)
+        diff = (hf(probe).logits - model(probe)).abs().max().item()
+    print(f"transformers GPT2LMHeadModel with the same weights: max |logit diff| {diff:.2e}")
+
+    tokenizer = Tokenizer.train(["lmserve"], vocab_size=300)  # ids only; the text is never looked at
+    checkpoint = Checkpoint(model, tokenizer, GenerationConfig(eos_token_id=50256), Path("bench"))
+    rows = []
+    for batch in sorted(set([1, *args.batch_sizes])):
+        hf_rate = hf_tokens_per_s(hf, batch, device)
+        engine = Engine(checkpoint, EngineConfig(max_batch_size=max(batch, 1), max_seq_len=PROMPT + 16 + NEW + 1,
+                                                 max_prefill_tokens=2048))
+        engine.start()
+        ours = lmserve_tokens_per_s(engine, batch, mixed=batch > 1)
+        engine.shutdown()
+        rows.append((batch, hf_rate, ours))
+    print("\n| streams | transformers tok/s | lmserve tok/s | lmserve / transformers | lmserve / bound |")
+    print("|---|---|---|---|---|")
+    for batch, hf_rate, ours in rows:
+        bound = bound_1 if batch == 1 else bound_compute
+        print(f"| {batch} | {hf_rate:.1f} | {ours:.1f} | {ours / hf_rate:.2f} | {ours / bound:.2f} "
+              f"({'bandwidth' if batch == 1 else 'compute'}) |")
+    single = rows[0][2] / bound_1
+    b32 = next((ours / hf_rate for b, hf_rate, ours in rows if b == 32), float("nan"))
+    print(f"transformers single stream vs bound: {rows[0][1] / bound_1:.2f}")
+    print(f"RESULT single_stream_vs_bound={single:.2f} batch32_vs_hf={b32:.2f}")
+
+
+if __name__ == "__main__":
+    main()
