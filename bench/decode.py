@@ -73,7 +73,8 @@ def to_hf_gpt2(model: Transformer):
                                     n_embd=c.hidden_size, n_layer=c.num_hidden_layers, n_head=c.num_attention_heads,
                                     n_inner=c.intermediate_size, layer_norm_epsilon=c.norm_eps,
                                     activation_function="gelu_new", attn_pdrop=0, embd_pdrop=0, resid_pdrop=0))
-    state = {"transformer.wte.weight": model.embed_tokens.weight, "transformer.wpe.weight": model.embed_positions.weight,
+    state = {"transformer.wte.weight": model.embed_tokens.weight,
+             "transformer.wpe.weight": model.embed_positions.weight,
              "transformer.ln_f.weight": model.norm.weight, "transformer.ln_f.bias": model.norm.bias}
     for i, layer in enumerate(model.layers):
         p, a, m = f"transformer.h.{i}.", layer.self_attn, layer.mlp

@@ -143,7 +143,8 @@ class Engine:
         if self.is_encoder_decoder and not request.source_ids:
             raise ValueError("prompt: an encoder-decoder model needs a non-empty source")
         if request.source_ids and len(request.source_ids) > self.max_seq_len:
-            raise ValueError(f"prompt: the source has {len(request.source_ids)} tokens; the limit is {self.max_seq_len}")
+            raise ValueError(f"prompt: the source has {len(request.source_ids)} tokens; "
+                             f"the limit is {self.max_seq_len}")
         if len(prompt) + params.max_new_tokens > self.max_seq_len:
             raise ValueError(f"max_new_tokens: the prompt has {len(prompt)} tokens and max_new_tokens is "
                              f"{params.max_new_tokens}, together more than the context length {self.max_seq_len}")

@@ -96,7 +96,7 @@ def test_random_workload_keeps_rows_contiguous_and_returns_all_capacity():
     s = Scheduler(max_batch_size=6, max_seq_len=80, max_prefill_tokens=24)
     produced: dict[str, int] = {}
     next_id = 0
-    for step in range(400):
+    for _ in range(400):
         if rng.random() < 0.3:
             s.add(Sequence(f"r{next_id}", prompt_len=rng.randint(1, 40), max_new_tokens=rng.randint(1, 30)))
             next_id += 1
