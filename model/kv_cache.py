@@ -57,27 +57,33 @@ class KVCache:
         tensors = [self.k, self.v, self.cross_k, self.cross_v]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-    def write_slots(self, positions: torch.Tensor) -> torch.Tensor:
-        """Cache slot of each token: its position, or the sink slot for padding (position -1)."""
-        return torch.where(positions < 0, self.max_seq_len, positions)
+    def write_index(self, rows: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        """Flat index (B*Hkv*T,) into a layer's (rows*Hkv*(S+1), D) view for the keys/values of tokens at
+        `positions` (B, T) in cache `rows` (B,) (default 0..B-1); padding (position -1) goes to the sink slot.
+        Computed once per forward pass and shared by every layer."""
+        batch, heads, slots_per_row = positions.shape[0], self.k.shape[2], self.max_seq_len + 1
+        slots = torch.where(positions < 0, self.max_seq_len, positions)  # (B, T)
+        if rows is None:
+            rows = torch.arange(batch, device=positions.device)
+        head_base = (rows[:, None] * heads + torch.arange(heads, device=positions.device)) * slots_per_row  # (B, H)
+        return (head_base[:, :, None] + slots[:, None, :]).reshape(-1)  # (B*H*T,)
 
     def update(
         self,
         layer: int,
         rows: torch.Tensor | None,
-        slots: torch.Tensor,
+        write_index: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         kv_len: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes k, v (B, Hkv, T, D) at `slots` (B, T) of `rows` (B,), returns the rows' first kv_len slots."""
+        """Writes k, v (B, Hkv, T, D) at `write_index`, returns the rows' first kv_len slots (B, Hkv, kv_len, D)."""
         k_layer, v_layer = self.k[layer], self.v[layer]  # (rows, Hkv, S+1, D)
-        batch = k.shape[0]
-        row_index = (rows if rows is not None else torch.arange(batch, device=k.device))[:, None]  # (B, 1)
-        k_layer[row_index, :, slots] = k.transpose(1, 2)  # indexed view is (B, T, Hkv, D)
-        v_layer[row_index, :, slots] = v.transpose(1, 2)
+        head_dim = k.shape[-1]
+        k_layer.view(-1, head_dim).index_copy_(0, write_index, k.reshape(-1, head_dim))
+        v_layer.view(-1, head_dim).index_copy_(0, write_index, v.reshape(-1, head_dim))
         if rows is None:  # rows 0..B-1: a view, no copy
-            return k_layer[:batch, :, :kv_len], v_layer[:batch, :, :kv_len]
+            return k_layer[:k.shape[0], :, :kv_len], v_layer[:k.shape[0], :, :kv_len]
         return k_layer[rows, :, :kv_len], v_layer[rows, :, :kv_len]
 
     def write_cross(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -85,7 +85,7 @@ class AttentionContext:
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (B, T, D)
     cache: KVCache | None = None
     cache_rows: torch.Tensor | None = None
-    cache_slots: torch.Tensor | None = None  # (B, T)
+    cache_index: torch.Tensor | None = None  # (B*Hkv*T,) where this pass's keys/values go in the cache
     kv_len: int = 0
     memory: torch.Tensor | None = None  # encoder output (B, S_src, C) when no cache holds its K/V
     cross_mask: torch.Tensor | None = None  # (B, 1, 1, S_src)
@@ -127,7 +127,7 @@ class Attention(nn.Module):
             if ctx.rope is not None:
                 q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
             if ctx.cache is not None:
-                k, v = ctx.cache.update(layer, ctx.cache_rows, ctx.cache_slots, k, v, ctx.kv_len)
+                k, v = ctx.cache.update(layer, ctx.cache_rows, ctx.cache_index, k, v, ctx.kv_len)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
@@ -309,7 +309,7 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         ctx = AttentionContext(mask=None, rope=self.rope_for(positions))
         if cache is not None:
-            ctx.cache, ctx.cache_rows, ctx.cache_slots = cache, cache_rows, cache.write_slots(positions)
+            ctx.cache, ctx.cache_rows, ctx.cache_index = cache, cache_rows, cache.write_index(cache_rows, positions)
             ctx.kv_len = kv_len if kv_len is not None else int(positions.max()) + 1
             slots = torch.arange(ctx.kv_len, device=positions.device)
             ctx.mask = (slots <= positions.clamp(min=0)[:, :, None])[:, None]  # (B, 1, T, S)

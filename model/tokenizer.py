@@ -43,6 +43,20 @@ class Tokenizer:
 
     def __init__(self, backend: tokenizers.Tokenizer) -> None:
         self.backend = backend
+        self._literal_backend: tokenizers.Tokenizer | None = None
+
+    @property
+    def literal_backend(self) -> tokenizers.Tokenizer:
+        """A copy of the backend that encodes special-token strings in the text as plain characters.
+
+        A copy rather than toggling ``encode_special_tokens`` on the shared backend, so that encoding
+        from several threads at once stays safe.
+        """
+        if self._literal_backend is None:
+            literal = tokenizers.Tokenizer.from_str(self.backend.to_str())
+            literal.encode_special_tokens = True
+            self._literal_backend = literal
+        return self._literal_backend
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
@@ -135,20 +149,23 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False, allow_special: bool = True) -> list[int]:
         """Encode ``text``; BOS/EOS are added only when asked for.
 
-        Note: a literal special-token string inside ``text`` (e.g. ``"<|eos|>"``) is matched by
-        ``tokenizers`` as that special token, not as plain characters.
+        With ``allow_special`` (the default) a literal special-token string inside ``text`` (e.g.
+        ``"<|eos|>"``) is matched as that special token; with ``allow_special=False`` it is encoded as
+        plain characters, which is what untrusted text (prompts from users) needs.
         """
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        backend = self.backend if allow_special else self.literal_backend
+        ids = backend.encode(text, add_special_tokens=False).ids
         return self._wrap(ids, add_bos, add_eos)
 
     def encode_batch(
-        self, texts: list[str], *, add_bos: bool = False, add_eos: bool = False
+        self, texts: list[str], *, add_bos: bool = False, add_eos: bool = False, allow_special: bool = True
     ) -> list[list[int]]:
         """Encode several texts at once (the backend parallelises this across threads)."""
-        encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
+        backend = self.backend if allow_special else self.literal_backend
+        encodings = backend.encode_batch(list(texts), add_special_tokens=False)
         return [self._wrap(enc.ids, add_bos, add_eos) for enc in encodings]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

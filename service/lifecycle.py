@@ -1,0 +1,119 @@
+"""The server's life: load the model in the background (so /health and /ready answer while it loads), warm it up,
+serve, then drain and stop the engine on shutdown.
+
+Loading runs in a daemon thread: a SIGTERM during a long load is not held up by it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from service.engine import Engine, EngineConfig
+from service.metrics import Metrics
+from service.requests import GenerationParams, GenerationRequest
+from service.serving import Serving
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def load_engine(settings: Settings) -> Engine:
+    config = EngineConfig(max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,
+                          max_prefill_tokens=settings.max_prefill_tokens, max_queue=settings.max_queue,
+                          cuda_graphs=settings.cuda_graphs, seed=settings.seed)
+    return Engine.from_checkpoint(str(settings.model), device=settings.device, dtype=settings.dtype, config=config)
+
+
+async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def run() -> None:
+        try:
+            result: Any = fn()
+        except BaseException as e:  # handed to the awaiting coroutine
+            error = e
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_exception(error))
+        else:
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(result))
+    threading.Thread(target=run, name="lmserve-load", daemon=True).start()
+    return await future
+
+
+class ServerState:
+    """What /health, /ready and the `get_serving` dependency look at."""
+
+    def __init__(self, settings: Settings, engine: Engine | None = None,
+                 loader: Callable[[Settings], Engine] | None = None,
+                 on_fatal: Callable[[], None] | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics(self.engine_stats, lambda: self.ready)
+        self.status = "loading"  # loading -> warming up -> ready -> stopping; or failed
+        self.error: str | None = None
+        self.serving: Serving | None = None
+        self._engine, self._loader, self._on_fatal = engine, loader or load_engine, on_fatal
+        self._task: asyncio.Task | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"
+
+    def engine_stats(self) -> dict[str, Any] | None:
+        return self.serving.engine.stats if self.serving is not None else None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        started = time.monotonic()
+        try:
+            engine = self._engine or await _in_daemon_thread(lambda: self._loader(self.settings))
+            self._engine = engine
+            if not engine.alive and engine.dead_reason is None:
+                engine.start()
+            self.serving = Serving(engine, self.settings, self.metrics)
+            self.status = "warming up"
+            await self._warm_up(self.serving)
+        except Exception as e:
+            self.status, self.error = "failed", f"{type(e).__name__}: {e}"
+            log.error("could not load the model from %s: %s", self.settings.model, self.error)
+            if self._on_fatal is not None:
+                self._on_fatal()
+            return
+        self.status = "ready"
+        log.info("model %s ready in %.1fs: %s, %s on %s", self.serving.name, time.monotonic() - started,
+                 type(engine.checkpoint.model).__name__, engine.runner.dtype, engine.device)
+
+    async def _warm_up(self, serving: Serving) -> None:
+        """One tiny generation and one next-token distribution, so the first client does not pay for lazy
+        initialisation (allocator, kernels, thread pools)."""
+        engine = serving.engine
+        tok = serving.tokenizer
+        if engine.is_encoder_decoder:
+            source = tok.encode("warm up", add_eos=tok.eos_id is not None) or [0]
+            prompt, sources = [serving.start_id], [source[:engine.max_seq_len]]
+        else:
+            prompt, sources = (tok.encode("warm up") or [0])[:engine.max_seq_len - 1], None
+        request = GenerationRequest(prompt, GenerationParams(max_new_tokens=1, temperature=0.0),
+                                    source_ids=sources[0] if sources else None)
+        async for out in engine.submit(request):
+            if out.finished and out.error:
+                raise RuntimeError(f"warm-up generation failed: {out.error}")
+        await engine.next_token_probs([prompt], top_k=1, temperature=1.0, sources=sources)
+
+    async def stop(self) -> None:
+        """Called after the server stopped taking connections and in-flight requests drained (or the grace period
+        ran out): stops the engine, aborting whatever is left."""
+        was_ready = self.ready
+        if self.status != "failed":
+            self.status = "stopping"
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        engine = self._engine
+        if engine is not None:
+            await asyncio.to_thread(engine.shutdown, self.settings.shutdown_grace if was_ready else 0.0)

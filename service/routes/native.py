@@ -1,0 +1,186 @@
+"""lmserve's own API: /generate (batch prompts, SSE streaming), /next-token-probs, /tokenize, /detokenize."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Request
+from fastapi.responses import JSONResponse, Response
+
+from service.engine import EngineError
+from service.errors import APIError, error_body, from_value_error, unavailable
+from service.requests import GenerationParams, RequestOutput, TokenLogprob
+from service.routes.common import DONE, EventStream, ServingDep, check_count, request_id, sse
+from service.schemas import (
+    ERROR_RESPONSES,
+    GENERATE_EXAMPLES,
+    NEXT_TOKEN_EXAMPLES,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    GenerateRequest,
+    GenerateResponse,
+    NextTokenProbsRequest,
+    NextTokenProbsResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from service.serving import Generation, Serving, collect, log_fields, unless_disconnected, usage
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["lmserve"])
+NO_RENAMES: dict[str, str] = {}
+SSE_DOC = {"text/event-stream": {"example": 'data: {"index":0,"text":" n","token_id":299}\n\n'
+                                            'data: {"index":0,"text":"","token_id":null,"finish_reason":"stop",'
+                                            '"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}\n\n'
+                                            "data: [DONE]\n\n"}}
+
+
+def logprobs_json(serving: Serving, logprobs: list[TokenLogprob]) -> list[dict[str, Any]]:
+    text = serving.token_text
+    return [{"token_id": lp.token_id, "token": text(lp.token_id), "logprob": lp.logprob,
+             "top_logprobs": [{"token_id": i, "token": text(i), "logprob": v} for i, v in (lp.top or [])]}
+            for lp in logprobs]
+
+
+@router.post("/generate", summary="Generate text for one prompt or a batch (optionally streamed)",
+             responses={200: {"model": GenerateResponse, "content": SSE_DOC}, **ERROR_RESPONSES})
+async def generate(request: Request, body: Annotated[GenerateRequest, Body(openapi_examples=GENERATE_EXAMPLES)],
+                   serving: ServingDep) -> Response:
+    """Continues each prompt. With `stream: true` the answer is Server-Sent Events: one `data: {json}` per new
+    piece of text (`index`, `text`, `token_id`, `logprobs`), a last event per prompt with `finish_reason` and
+    `usage`, then `data: [DONE]`. A request still running at the server's request timeout ends with
+    `finish_reason: "abort"` and the text so far."""
+    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    check_count(len(texts), serving.settings.max_prompts)
+    prompts = await serving.prompts(texts)
+    params = GenerationParams(
+        max_new_tokens=body.max_new_tokens, seed=body.seed, logprobs=body.logprobs, ignore_eos=body.ignore_eos,
+        stop=tuple([body.stop] if isinstance(body.stop, str) else body.stop or ()),
+        stop_token_ids=tuple(body.stop_token_ids), min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        **{k: getattr(body, k) if k in body.model_fields_set else v for k, v in serving.defaults.items()})
+    explicit = "max_new_tokens" in body.model_fields_set
+    requests = [serving.request(p, params, explicit_max=explicit, names=NO_RENAMES,
+                                param=f"prompt[{i}]" if len(prompts) > 1 else "prompt")
+                for i, p in enumerate(prompts)]
+    generation = serving.generation(requests)
+    await unless_disconnected(request, generation.start())
+    if body.stream:
+        return EventStream(_events(serving, generation, request), on_close=generation.close)
+    results = await unless_disconnected(request, collect(generation))
+    outputs = []
+    for index, r in enumerate(results):
+        output: dict[str, Any] = {"index": index, "text": r.text, "token_ids": r.token_ids or [],
+                                  "finish_reason": r.finish_reason.value if r.finish_reason else None}
+        if body.logprobs is not None:
+            output["logprobs"] = logprobs_json(serving, r.logprobs or [])
+        outputs.append(output)
+    prompt_tokens = sum(r.prompt_tokens for r in results)
+    completion_tokens = sum(r.completion_tokens for r in results)
+    log_fields(request, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+               finish_reason=[o["finish_reason"] for o in outputs], timed_out=generation.timed_out or None)
+    return JSONResponse({"id": request_id(request), "model": serving.name, "outputs": outputs,
+                         "usage": usage(prompt_tokens, completion_tokens)})
+
+
+async def _events(serving: Serving, generation: Generation, request: Request) -> AsyncIterator[bytes]:
+    totals = [0, 0]
+    reasons: list[str | None] = [None] * len(generation.requests)
+    try:
+        async for index, out in generation.events():
+            yield sse(_event(serving, index, out))
+            if out.finished:
+                totals[0] += out.prompt_tokens
+                totals[1] += out.completion_tokens
+                reasons[index] = out.finish_reason.value if out.finish_reason else None
+        yield DONE
+    except Exception:  # a bug mid-stream: the status line is gone, so say it in the stream
+        log.exception("stream of request %s failed", request_id(request))
+        yield sse(error_body("internal server error", "internal_error"))
+    finally:
+        log_fields(request, prompt_tokens=totals[0], completion_tokens=totals[1], finish_reason=reasons,
+                   stream=True, timed_out=generation.timed_out or None)
+
+
+def _event(serving: Serving, index: int, out: RequestOutput) -> dict[str, Any]:
+    event: dict[str, Any] = {"index": index, "text": out.text, "token_id": out.token_ids[-1] if out.token_ids else None}
+    if len(out.token_ids) > 1:
+        event["token_ids"] = out.token_ids
+    if out.logprobs is not None:
+        event["logprobs"] = logprobs_json(serving, out.logprobs)
+    if out.finished:
+        event["finish_reason"] = out.finish_reason.value if out.finish_reason else None
+        event["usage"] = usage(out.prompt_tokens, out.completion_tokens)
+        if out.error:
+            event["error"] = error_body(out.error, "internal_error", code="engine_error")["error"]
+    return event
+
+
+@router.post("/next-token-probs", summary="The most likely next tokens and the distribution's entropy",
+             response_model=NextTokenProbsResponse, responses=ERROR_RESPONSES)
+async def next_token_probs(
+        request: Request, body: Annotated[NextTokenProbsRequest, Body(openapi_examples=NEXT_TOKEN_EXAMPLES)],
+        serving: ServingDep) -> JSONResponse:
+    """For each prompt: the `top_k` most likely next tokens under softmax(logits / temperature), sorted by
+    probability, and the entropy (nats) of the whole distribution. For an encoder-decoder model `prompt` is the
+    source and `decoder_prefix` the output so far (default: empty)."""
+    engine = serving.engine
+    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    check_count(len(texts), serving.settings.max_prompts)
+    if not 1 <= body.top_k <= engine.vocab_size:
+        raise APIError(400, f"top_k: must be in [1, {engine.vocab_size}] (the vocabulary size), got {body.top_k}",
+                       param="top_k", code="invalid_value")
+    prompts = await serving.prompts(texts)
+    sources = None
+    if engine.is_encoder_decoder:
+        prefix = body.decoder_prefix
+        prefixes = prefix if isinstance(prefix, list) else [prefix or ""] * len(texts)
+        if len(prefixes) != len(texts):
+            raise APIError(400, f"decoder_prefix: {len(prefixes)} prefixes for {len(texts)} prompts",
+                           param="decoder_prefix", code="invalid_value")
+        sources = [p.source_ids for p in prompts]
+        decoder = [[serving.start_id, *serving.tokenizer.encode(s, allow_special=False)] for s in prefixes]
+    elif body.decoder_prefix is not None:
+        raise APIError(400, "decoder_prefix: only encoder-decoder models take one", param="decoder_prefix",
+                       code="invalid_value")
+    else:
+        decoder = [p.prompt_ids for p in prompts]
+    for i, ids in enumerate(decoder):
+        if len(ids) > serving.max_seq_len:
+            param = "decoder_prefix" if sources is not None else "prompt"
+            raise APIError(400, f"{param}: {len(ids)} tokens, more than the context length {serving.max_seq_len}"
+                                + (f" (prompt {i})" if len(decoder) > 1 else ""), param=param,
+                           code="context_length_exceeded")
+    try:
+        results = await unless_disconnected(request, engine.next_token_probs(decoder, body.top_k, body.temperature,
+                                                                             sources=sources))
+    except EngineError as e:
+        raise unavailable(str(e), code="engine_unavailable", retry_after=5) from e
+    except ValueError as e:
+        raise from_value_error(e) from e
+    log_fields(request, prompt_tokens=sum(len(d) for d in decoder))
+    return JSONResponse({"model": serving.name, "results": results})
+
+
+@router.post("/tokenize", summary="Text to token ids, as a prompt would be encoded", response_model=TokenizeResponse,
+             responses=ERROR_RESPONSES)
+async def tokenize(body: TokenizeRequest, serving: ServingDep) -> JSONResponse:
+    """Special-token strings in the text are plain text here too; for an encoder-decoder model the source gets
+    its end-of-sequence token, as in generation."""
+    tok = serving.tokenizer
+    add_eos = serving.engine.is_encoder_decoder and tok.eos_id is not None
+    ids = tok.encode(body.prompt, add_eos=add_eos, allow_special=False)
+    return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": serving.max_seq_len})
+
+
+@router.post("/detokenize", summary="Token ids to text", response_model=DetokenizeResponse,
+             responses=ERROR_RESPONSES)
+async def detokenize(body: DetokenizeRequest, serving: ServingDep) -> JSONResponse:
+    vocab = serving.engine.vocab_size
+    for i, t in enumerate(body.tokens):
+        if not 0 <= t < vocab:
+            raise APIError(400, f"tokens[{i}]: {t} is not a token id (vocabulary size {vocab})", param=f"tokens[{i}]",
+                           code="invalid_value")
+    return JSONResponse({"text": serving.tokenizer.decode(body.tokens)})

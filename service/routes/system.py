@@ -1,0 +1,85 @@
+"""Operations endpoints: /health (liveness), /ready (readiness), /metrics (Prometheus), /info, and /."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from service.errors import APIError, unavailable
+from service.lifecycle import ServerState
+from service.requests import MAX_STOP_STRINGS
+from service.routes.common import ServingDep
+from service.sampling import MAX_LOGPROBS
+from service.schemas import ErrorResponse
+
+router = APIRouter(tags=["operations"])
+NOT_OK = {503: {"model": ErrorResponse, "description": "see error.message"}}
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.lmserve
+
+
+@router.get("/", summary="Where to look next", include_in_schema=False)
+async def root(request: Request) -> JSONResponse:
+    state = _state(request)
+    return JSONResponse({"name": "lmserve", "model": state.settings.served_name, "status": state.status,
+                         "docs": "/docs"})
+
+
+@router.get("/health", summary="Liveness: 200 while the process and its engine work", responses={
+    200: {"content": {"application/json": {"example": {"status": "ok", "model_status": "ready"}}}}, **NOT_OK})
+async def health(request: Request) -> JSONResponse:
+    """503 with the reason when the model failed to load or the engine thread died; 200 otherwise, also while
+    the model is still loading (use /ready to know when to send traffic)."""
+    state = _state(request)
+    if state.error:
+        raise APIError(503, f"the model failed to load: {state.error}", code="load_failed")
+    if state.serving is not None and not state.serving.engine.alive and state.status != "stopping":
+        raise APIError(503, state.serving.engine.dead_reason or "the engine thread is not running",
+                       code="engine_dead")
+    return JSONResponse({"status": "ok", "model_status": state.status})
+
+
+@router.get("/ready", summary="Readiness: 200 once the model is loaded and warmed up", responses={
+    200: {"content": {"application/json": {"example": {"status": "ready"}}}}, **NOT_OK})
+async def ready(request: Request) -> JSONResponse:
+    """503 with Retry-After while the model loads or warms up, after it failed, or while shutting down."""
+    state = _state(request)
+    if state.ready and state.serving is not None and state.serving.engine.alive:
+        return JSONResponse({"status": "ready"})
+    if state.error:
+        raise unavailable(f"the model failed to load: {state.error}", code="load_failed", retry_after=30)
+    raise unavailable(f"the model is {state.status}", code="not_ready", retry_after=5)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response, responses={
+    200: {"content": {"text/plain": {"example": "lmserve_requests_running 3.0\nlmserve_requests_waiting 0.0\n"}}}})
+async def metrics(request: Request) -> Response:
+    body, content_type = _state(request).metrics.render()
+    return Response(body, media_type=content_type)
+
+
+@router.get("/info", summary="The model, its config.json fields, and the server's limits", responses={
+    200: {"content": {"application/json": {"example": {
+        "model": "default", "path": "checkpoints/default", "parameters": 1234567, "dtype": "float32",
+        "device": "cpu", "is_encoder_decoder": False, "config": {"vocab_size": 1024, "hidden_size": 256},
+        "limits": {"max_seq_len": 1024, "max_batch_size": 32}}}}}, **NOT_OK})
+async def info(serving: ServingDep) -> JSONResponse:
+    engine, settings = serving.engine, serving.settings
+    model = engine.checkpoint.model
+    body: dict[str, Any] = {
+        "model": serving.name, "path": str(engine.checkpoint.path), "parameters": model.num_parameters(),
+        "dtype": str(engine.runner.dtype).removeprefix("torch."), "device": str(engine.device),
+        "is_encoder_decoder": engine.is_encoder_decoder, "config": model.config.to_dict(),
+        "generation_defaults": serving.defaults,
+        "limits": {"max_seq_len": serving.max_seq_len, "max_batch_size": engine.config.max_batch_size,
+                   "max_queue": engine.config.max_queue, "max_prefill_tokens": engine.config.max_prefill_tokens,
+                   "max_prompts": settings.max_prompts, "max_body_bytes": settings.max_body_bytes,
+                   "request_timeout": settings.request_timeout, "max_logprobs": MAX_LOGPROBS,
+                   "max_stop_strings": MAX_STOP_STRINGS},
+        "auth": settings.api_key is not None,
+    }
+    return JSONResponse(body)

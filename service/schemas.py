@@ -1,0 +1,270 @@
+"""Request and response bodies of the HTTP API, with their limits and the examples `/docs` shows.
+
+The native endpoints reject unknown fields (a typo such as `max_tokens` on /generate is a 400, not silently
+ignored); the OpenAI endpoint ignores them, as clients send vendor extensions freely. Responses are built as
+plain dicts (cheaper than validating every token); the response models here document them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.requests import MAX_STOP_STRINGS
+from service.sampling import MAX_LOGPROBS
+
+Stop = str | list[str] | None
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+# ---- /generate ---------------------------------------------------------------------------------------------------
+
+class SamplingFields(Strict):
+    temperature: float = Field(1.0, ge=0, le=100, description="0 = greedy")
+    top_k: int = Field(0, ge=0, description="0 = off")
+    top_p: float = Field(1.0, gt=0, le=1, description="1 = off")
+    min_p: float = Field(0.0, ge=0, le=1, description="0 = off")
+    repetition_penalty: float = Field(1.0, gt=0, le=10, description="1 = off; over prompt and output tokens")
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    seed: int | None = Field(None, ge=0, lt=2**63, description="same seed, same settings: same tokens")
+    stop: Stop = Field(None, description=f"up to {MAX_STOP_STRINGS} strings; the output ends before the first one")
+    stop_token_ids: list[int] = Field(default_factory=list, description="token ids that end the output")
+    ignore_eos: bool = Field(False, description="keep going past the end-of-sequence token")
+
+
+class GenerateRequest(SamplingFields):
+    prompt: str | list[str] = Field(description="text to continue, or a list of them (a batch); for an "
+                                                "encoder-decoder model, the source text")
+    max_new_tokens: int = Field(128, ge=1, description="default: 128, cut to the context left")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="return each token's logprob and this many top alternatives")
+    stream: bool = Field(False, description="Server-Sent Events, one per new piece of text")
+
+
+GENERATE_EXAMPLES = {
+    "simple": {"summary": "Greedy continuation", "value": {"prompt": "def fib(n):", "max_new_tokens": 32,
+                                                            "temperature": 0}},
+    "batch": {"summary": "A batch of prompts, sampled", "value": {
+        "prompt": ["def add(a, b):", "class Point:"], "max_new_tokens": 48, "temperature": 0.8, "top_p": 0.95,
+        "seed": 1234, "stop": ["\n\n"]}},
+    "stream": {"summary": "Streaming with logprobs", "value": {"prompt": "import os\n", "max_new_tokens": 16,
+                                                                "stream": True, "logprobs": 2}},
+}
+
+
+class TokenLogprobOut(BaseModel):
+    token_id: int
+    token: str
+    logprob: float
+    top_logprobs: list[dict[str, Any]] | None = None
+
+
+class GenerateOutput(BaseModel):
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length", "abort", "error"]
+    logprobs: list[TokenLogprobOut] | None = None
+
+
+class GenerateResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "4f1c0e5b9a0d4c2e8b7a6f5e4d3c2b1a", "model": "default",
+        "outputs": [{"index": 0, "text": "\n    if n < 2:\n        return n", "token_ids": [198, 284, 611],
+                     "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 32, "total_tokens": 37}}]})
+    id: str
+    model: str
+    outputs: list[GenerateOutput]
+    usage: Usage
+
+
+# ---- /next-token-probs -------------------------------------------------------------------------------------------
+
+class NextTokenProbsRequest(Strict):
+    prompt: str | list[str] = Field(description="text, or a list of texts; for an encoder-decoder model, the "
+                                                "source text")
+    top_k: int = Field(10, ge=1, description="how many tokens to return, 1..vocab size")
+    temperature: float = Field(1.0, gt=0, le=100, description="softmax temperature, > 0")
+    decoder_prefix: str | list[str] | None = Field(None, description="encoder-decoder models only: the output "
+                                                                     "so far (one, or one per prompt)")
+
+
+NEXT_TOKEN_EXAMPLES = {
+    "decoder": {"summary": "Most likely next tokens", "value": {"prompt": "def fib(n):\n    return", "top_k": 5}},
+    "encoder_decoder": {"summary": "Encoder-decoder: source and decoder prefix", "value": {
+        "prompt": "12 + 30", "decoder_prefix": "4", "top_k": 3, "temperature": 1.0}},
+}
+
+
+class TokenProb(BaseModel):
+    id: int
+    text: str
+    prob: float
+    logprob: float
+
+
+class NextTokenResult(BaseModel):
+    prompt_tokens: int
+    tokens: list[TokenProb]
+    entropy: float = Field(description="of the full distribution, in nats")
+
+
+class NextTokenProbsResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"model": "default", "results": [{
+        "prompt_tokens": 7, "entropy": 2.31, "tokens": [
+            {"id": 220, "text": " ", "prob": 0.41, "logprob": -0.89},
+            {"id": 299, "text": " n", "prob": 0.22, "logprob": -1.51}]}]}]})
+    model: str
+    results: list[NextTokenResult]
+
+
+# ---- /tokenize, /detokenize --------------------------------------------------------------------------------------
+
+class TokenizeRequest(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"prompt": "def fib(n):"}]})
+    prompt: str = Field(description="text, tokenized exactly as a prompt would be")
+
+
+class TokenizeResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"tokens": [318, 1090, 7, 77, 2599], "count": 5,
+                                                               "max_model_len": 1024}]})
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"tokens": [318, 1090, 7]}]})
+    tokens: list[int] = Field(description="token ids")
+
+
+class DetokenizeResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"text": "def fib("}]})
+    text: str
+
+
+# ---- OpenAI /v1/completions --------------------------------------------------------------------------------------
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's completions API. Also takes top_k, min_p, repetition_penalty, stop_token_ids and ignore_eos
+    (as vLLM does); best_of (other than n), logit_bias and suffix are refused."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = Field(None, description="the served model's name (see /v1/models)")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="text(s) or token ids")
+    max_tokens: int | None = Field(16, ge=1, description="default 16")
+    temperature: float | None = Field(None, ge=0, le=100, description="default 1")
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=64, description="completions per prompt")
+    stop: Stop = None
+    seed: int | None = Field(None, ge=0, lt=2**63, description="choice i of a prompt uses seed + i")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    best_of: int | None = None
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+
+
+COMPLETION_EXAMPLES = {
+    "simple": {"summary": "A completion", "value": {"model": "default", "prompt": "def fib(n):", "max_tokens": 32,
+                                                     "temperature": 0}},
+    "logprobs": {"summary": "Two choices with logprobs", "value": {
+        "model": "default", "prompt": "import", "max_tokens": 8, "n": 2, "seed": 7, "logprobs": 3}},
+    "stream": {"summary": "Streaming with usage", "value": {
+        "model": "default", "prompt": "class Point:", "max_tokens": 32, "stream": True,
+        "stream_options": {"include_usage": True}}},
+}
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None
+
+
+class CompletionResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "cmpl-4f1c0e5b9a0d4c2e8b7a6f5e4d3c2b1a", "object": "text_completion", "created": 1767225600,
+        "model": "default", "choices": [{"index": 0, "text": "\n    if n < 2:", "logprobs": None,
+                                          "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}}]})
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "lmserve"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"object": "list", "data": [{
+        "id": "default", "object": "model", "created": 1767225600, "owned_by": "lmserve", "max_model_len": 1024}]}]})
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---- errors --------------------------------------------------------------------------------------------------------
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"error": {
+        "message": "max_new_tokens: the prompt has 1000 tokens and max_new_tokens is 128: 1128 tokens, more than "
+                   "the context length 1024", "type": "invalid_request_error", "param": "max_new_tokens",
+        "code": "context_length_exceeded"}}]})
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "an invalid field (named in error.param)"},
+    401: {"model": ErrorResponse, "description": "missing or wrong API key (when one is configured)"},
+    413: {"model": ErrorResponse, "description": "request body too large"},
+    503: {"model": ErrorResponse, "description": "queue full or model not ready; see Retry-After"},
+}

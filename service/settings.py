@@ -1,0 +1,48 @@
+"""Server settings: one pydantic-settings class, read from `LMSERVE_*` environment variables, which the
+`lmserve serve` flags override field by field (see service/cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "checkpoints" / "default"
+
+
+class Settings(BaseSettings):
+    """Everything `lmserve serve` can be told; each field is also the env var LMSERVE_<FIELD> and the flag
+    --<field-with-dashes>."""
+
+    model_config = SettingsConfigDict(env_prefix="LMSERVE_", extra="ignore",
+                                      protected_namespaces=())
+
+    model: Path = Field(DEFAULT_MODEL, description="checkpoint directory to serve")
+    model_name: str | None = Field(None, description="name the API reports and expects in 'model' "
+                                                     "(default: the checkpoint directory's name)")
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="weight dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    max_batch_size: int = Field(32, ge=1, description="sequences decoded together (KV-cache rows)")
+    max_seq_len: int | None = Field(None, ge=2, description="context length per sequence (default: the model's)")
+    max_prefill_tokens: int = Field(512, ge=1, description="prompt tokens computed per engine step")
+    max_queue: int = Field(256, ge=1, description="waiting requests beyond which new ones get 503")
+    cuda_graphs: bool = Field(True, description="capture the decode step as CUDA graphs (CUDA only)")
+    seed: int = Field(0, ge=0, description="sampling seed for requests that bring none")
+    request_timeout: float = Field(600.0, gt=0, description="seconds before a request is aborted "
+                                                            "(finish_reason 'abort')")
+    api_key: SecretStr | None = Field(None, description="if set, required as 'Authorization: Bearer KEY' "
+                                                        "or 'x-api-key: KEY'")
+    max_body_bytes: int = Field(1 << 20, ge=1, description="larger request bodies get 413")
+    max_prompts: int = Field(64, ge=1, description="most prompts (x n choices) in one request")
+    shutdown_grace: float = Field(30.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @property
+    def served_name(self) -> str:
+        return self.model_name or self.model.resolve().name

@@ -1,0 +1,100 @@
+"""Helpers for the HTTP tests: tiny checkpoints on disk, a real uvicorn server on 127.0.0.1 in a thread, SSE and
+Prometheus parsing, bounded waiting."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import uvicorn
+from conftest import make_model
+
+from model.checkpoint import save_checkpoint
+from model.tokenizer import Tokenizer
+from service.app import create_app
+from service.settings import Settings
+
+CORPUS = ["def add(a, b):\n    return a + b\n", "print('hello, world')", "你好，世界！数字和文字。", "🚀🌍 emoji 😀",
+          "class Point:\n    x: int\n    y: int\n"] * 20
+
+_tokenizer: Tokenizer | None = None
+
+
+def tokenizer() -> Tokenizer:
+    global _tokenizer
+    if _tokenizer is None:
+        _tokenizer = Tokenizer.train(CORPUS, vocab_size=420)
+    return _tokenizer
+
+
+def make_checkpoint(directory: Path, variant: str = "llama-gqa", max_positions: int = 1024) -> Path:
+    """A tiny random checkpoint: small enough that a long generation is ~1 ms per token on one CPU thread."""
+    tok = tokenizer()
+    model = make_model(variant, vocab_size=tok.vocab_size, max_position_embeddings=max_positions)
+    return save_checkpoint(directory, model, tok)
+
+
+class LiveServer:
+    """create_app(settings) served by uvicorn on a free loopback port, in a thread of this process."""
+
+    def __init__(self, settings: Settings, **app_kwargs) -> None:
+        self.app = create_app(settings, **app_kwargs)
+        self.state = self.app.state.lmserve
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_config=None, access_log=False,
+                                timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started, timeout=20, what="uvicorn to start")
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+
+    def wait_ready(self, timeout: float = 30) -> LiveServer:
+        wait_until(lambda: self.client.get("/ready").status_code == 200, timeout=timeout, what="/ready")
+        return self
+
+    @property
+    def engine(self):
+        return self.state.serving.engine
+
+    def metrics(self) -> dict[str, float]:
+        return parse_metrics(self.client.get("/metrics").text)
+
+    def stop(self) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+        assert not self.thread.is_alive(), "the server did not stop"
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,
+               what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value} (samples only)."""
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[dict | str]:
+    """The `data:` payloads of an SSE stream: parsed JSON, or the string '[DONE]'."""
+    for line in lines:
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            yield payload if payload == "[DONE]" else json.loads(payload)
