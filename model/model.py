@@ -89,6 +89,7 @@ class AttentionContext:
     kv_len: int = 0
     memory: torch.Tensor | None = None  # encoder output (B, S_src, C) when no cache holds its K/V
     cross_mask: torch.Tensor | None = None  # (B, 1, 1, S_src)
+    positions: torch.Tensor | None = None  # (B, T)
 
 
 class Attention(nn.Module):
@@ -285,6 +286,39 @@ class Transformer(nn.Module):
             cache.write_cross(i, rows, *layer.cross_attn.project_kv(memory))
         cache.source_lengths[rows] = source_lengths
 
+    def _self_attention_context(self, positions: torch.Tensor | None, T: int, B: int, device: torch.device,
+                                cache: KVCache | None, cache_rows: torch.Tensor | None,
+                                kv_len: int | None) -> AttentionContext:
+        """Positions, rotary angles and the self-attention mask of this pass (with the cache: which slots)."""
+        contiguous = positions is None
+        if positions is None:
+            positions = torch.arange(T, device=device).expand(B, T)
+        ctx = AttentionContext(mask=None, rope=self.rope_for(positions), positions=positions)
+        if cache is not None:
+            ctx.cache, ctx.cache_rows, ctx.cache_index = cache, cache_rows, cache.write_index(cache_rows, positions)
+            ctx.kv_len = kv_len if kv_len is not None else int(positions.max()) + 1
+            slots = torch.arange(ctx.kv_len, device=device)
+            ctx.mask = (slots <= positions.clamp(min=0)[:, :, None])[:, None]  # (B, 1, T, S)
+        elif contiguous or bool((positions == torch.arange(T, device=device)).all()):
+            ctx.is_causal = True  # plain sequences from position 0: the fast causal kernel
+        else:
+            ctx.mask = padding_aware_mask(positions, causal=True)
+        return ctx
+
+    def _add_cross_attention(self, ctx: AttentionContext, B: int, memory: torch.Tensor | None,
+                             source_lengths: torch.Tensor | None, cache: KVCache | None,
+                             cache_rows: torch.Tensor | None) -> None:
+        """Cross-attention over the encoder output (`memory`), or over the K/V the cache holds for these rows
+        (then over all of the cache's source slots, masked by length: no device sync, CUDA-graph friendly)."""
+        ctx.memory = memory
+        if memory is not None:
+            src_len = memory.shape[1]
+            lengths = source_lengths if source_lengths is not None else torch.full((B,), src_len, device=memory.device)
+        else:
+            lengths = cache.source_lengths[cache_rows] if cache_rows is not None else cache.source_lengths[:B]
+            src_len = cache.cross_k.shape[3]
+        ctx.cross_mask = (torch.arange(src_len, device=lengths.device) < lengths[:, None])[:, None, None]
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -304,32 +338,12 @@ class Transformer(nn.Module):
         `write_cross_cache` stored in the cache. `kv_len` (> every position) may be
         given to skip a device sync."""
         B, T = input_ids.shape
-        contiguous = positions is None
-        if positions is None:
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        ctx = AttentionContext(mask=None, rope=self.rope_for(positions))
-        if cache is not None:
-            ctx.cache, ctx.cache_rows, ctx.cache_index = cache, cache_rows, cache.write_index(cache_rows, positions)
-            ctx.kv_len = kv_len if kv_len is not None else int(positions.max()) + 1
-            slots = torch.arange(ctx.kv_len, device=positions.device)
-            ctx.mask = (slots <= positions.clamp(min=0)[:, :, None])[:, None]  # (B, 1, T, S)
-        elif contiguous or bool((positions == torch.arange(T, device=positions.device)).all()):
-            ctx.is_causal = True  # plain sequences from position 0: the fast causal kernel
-        else:
-            ctx.mask = padding_aware_mask(positions, causal=True)
+        ctx = self._self_attention_context(positions, T, B, input_ids.device, cache, cache_rows, kv_len)
+        positions = ctx.positions
         if self.config.is_encoder_decoder:
             if source_ids is not None:
                 memory = self.encode(source_ids, source_lengths)
-            ctx.memory = memory
-            if memory is not None:
-                src_len = memory.shape[1]
-                lengths = source_lengths if source_lengths is not None else torch.full(
-                    (B,), src_len, device=input_ids.device)
-            else:
-                lengths = cache.source_lengths[cache_rows] if cache_rows is not None else cache.source_lengths[:B]
-                src_len = int(lengths.max())
-            ctx.cross_mask = (torch.arange(src_len, device=input_ids.device) < lengths[:, None])[:, None, None]
-
+            self._add_cross_attention(ctx, B, memory, source_lengths, cache, cache_rows)
         x = self.embed(input_ids, positions)
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, i)

@@ -103,7 +103,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                             num_hidden_layers=3, num_encoder_layers=3, num_attention_heads=4, intermediate_size=512,
                             position_embedding="sinusoidal", norm_type="layernorm", norm_position="post",
                             activation="relu", bias=True, scale_embedding=True, seq_len=64, batch_size=128,
-                            max_steps=2500, lr=1e-3, warmup_steps=300, weight_decay=0.01, beta2=0.98,
+                            max_steps=4000, lr=1e-3, warmup_steps=300, weight_decay=0.01, beta2=0.98,
                             eval_every=250, eval_bytes=5000, checkpoint_every=500),
     # seconds-long runs for tests
     "tiny": dict(data="python-stdlib", vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -316,7 +316,8 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> Path:
                            heldout_bits_per_byte=f"{result.bits_per_byte:.5f}",
                            exact_match="" if result.exact_match is None else f"{result.exact_match:.4f}")
                 progress.write(f"step {step}: held-out loss {result.loss:.4f}, bits/byte {result.bits_per_byte:.4f}"
-                               + (f", exact match {result.exact_match:.4f}" if result.exact_match is not None else ""))
+                               + (f", exact match {result.exact_match:.4f}" if result.exact_match is not None else ""),
+                               file=sys.stderr)
             metrics.write(**row)
             if step % cfg.checkpoint_every == 0 or last:
                 directory = out / f"checkpoint-{step}"
