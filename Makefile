@@ -13,12 +13,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-# Until the HTTP service lands: make a tiny random checkpoint and generate from it.
-demo: $(STAMP)
-	test -f .runs/demo/config.json || $(BIN)/python -m model.init --preset tiny-llama --out .runs/demo
-	$(BIN)/python -m model.generate --checkpoint .runs/demo --prompt "def hello(" --max-new-tokens 32
+# Serve the bundled default model on http://127.0.0.1:8000 (playground at /, API docs at /docs).
+HOST ?= 127.0.0.1
+PORT ?= 8000
+serve: $(STAMP)
+	$(BIN)/lmserve serve --model checkpoints/default --host $(HOST) --port $(PORT)
 
-serve: demo
+# Generate once from the bundled model on the command line.
+demo: $(STAMP)
+	$(BIN)/python -m model.generate --checkpoint checkpoints/default --prompt "def fibonacci(n):" --max-new-tokens 48
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -28,3 +31,8 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .runs .pytest_cache
+
+# Benchmarks (report, don't assert): engine vs transformers vs hardware bounds; HTTP vs in-process engine.
+bench: $(STAMP)
+	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/serve.py

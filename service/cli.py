@@ -74,8 +74,10 @@ def serve(settings: Settings) -> int:
     from model.checkpoint import CheckpointError, load_config
     from service.app import create_app
 
-    try:
-        load_config(settings.model)  # a wrong --model fails here, in a second, before anything starts
+    try:  # a wrong --model fails here, in a second, before anything starts
+        if not settings.model.is_dir():
+            raise CheckpointError("no such directory (give one with --model or LMSERVE_MODEL)")
+        load_config(settings.model)
     except CheckpointError as e:
         print(f"lmserve: cannot serve {settings.model}: {e}", file=sys.stderr)
         return 1

@@ -202,10 +202,29 @@ class Engine:
             log.exception("engine thread died")
             self.dead_reason = f"engine thread died: {e!r}"
         finally:
+            reason = FinishReason.ABORT if self.dead_reason is None else FinishReason.ERROR
             for active in list(self._active.values()):
-                self._finish(active, FinishReason.ABORT if self.dead_reason is None else FinishReason.ERROR,
-                             error=self.dead_reason)
+                self._finish(active, reason, error=self.dead_reason)
+            self._refuse_inbox(reason)
             self.stats = self._snapshot()
+
+    def _refuse_inbox(self, reason: FinishReason) -> None:
+        """Answers whatever is still queued once the thread stops, so no caller waits forever."""
+        message = self.dead_reason or "the engine stopped"
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item[0] == "add":
+                request, sink = item[1], item[2]
+                try:
+                    sink(RequestOutput(request.request_id, "", [], None, len(request.prompt_ids), 0, True, reason,
+                                       message))
+                except RuntimeError:
+                    pass
+            elif item[0] == "probe":
+                item[-1](EngineError(message))
 
     def _snapshot(self) -> dict[str, Any]:
         s = self.scheduler

@@ -58,6 +58,7 @@ class ServerState:
         self.serving: Serving | None = None
         self._engine, self._loader, self._on_fatal = engine, loader or load_engine, on_fatal
         self._task: asyncio.Task | None = None
+        self._watchdog: asyncio.Task | None = None
 
     @property
     def ready(self) -> bool:
@@ -86,8 +87,20 @@ class ServerState:
                 self._on_fatal()
             return
         self.status = "ready"
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch(self.serving))
         log.info("model %s ready in %.1fs: %s, %s on %s", self.serving.name, time.monotonic() - started,
                  type(engine.checkpoint.model).__name__, engine.runner.dtype, engine.device)
+
+    @staticmethod
+    async def _watch(serving: Serving, interval: float = 0.5) -> None:
+        """Once the engine thread is gone, nothing answers the requests it had not taken yet: end them."""
+        while serving.engine.alive:
+            await asyncio.sleep(interval)
+        reason = serving.engine.dead_reason or "the engine stopped"
+        log.error("engine is not running (%s); failing %d request(s) in flight", reason, len(serving.live))
+        while True:  # requests may still be on their way in until the routes see the engine is gone
+            serving.fail_all(reason)
+            await asyncio.sleep(interval)
 
     async def _warm_up(self, serving: Serving) -> None:
         """One tiny generation and one next-token distribution, so the first client does not pay for lazy
@@ -112,8 +125,9 @@ class ServerState:
         was_ready = self.ready
         if self.status != "failed":
             self.status = "stopping"
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        for task in (self._task, self._watchdog):
+            if task is not None and not task.done():
+                task.cancel()
         engine = self._engine
         if engine is not None:
             await asyncio.to_thread(engine.shutdown, self.settings.shutdown_grace if was_ready else 0.0)

@@ -63,22 +63,25 @@ class Metrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         r.register(_EngineCollector(stats, ready))
 
-    def timer(self) -> RequestTimer:
-        return RequestTimer(self)
+    def timer(self, prompt_tokens: int) -> RequestTimer:
+        return RequestTimer(self, prompt_tokens)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
 class RequestTimer:
-    """Latency bookkeeping of one engine request, fed with its outputs as they arrive."""
+    """Latency and token bookkeeping of one engine request, fed with its outputs as they arrive."""
 
-    __slots__ = ("metrics", "start", "last")
+    __slots__ = ("metrics", "prompt_tokens", "completion_tokens", "start", "last", "done")
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, prompt_tokens: int) -> None:
         self.metrics = metrics
+        self.prompt_tokens = prompt_tokens  # as the client counts them (encoder-decoder: the source)
+        self.completion_tokens = 0
         self.start = time.monotonic()
         self.last: float | None = None
+        self.done = False
 
     def observe(self, out: RequestOutput) -> None:
         now = time.monotonic()
@@ -90,8 +93,17 @@ class RequestTimer:
             else:
                 m.itl.observe(now - self.last)
             self.last = now
+        self.completion_tokens = out.completion_tokens
         if out.finished:
-            m.e2e.observe(now - self.start)
-            m.prompt_tokens.inc(out.prompt_tokens)
-            m.generation_tokens.inc(out.completion_tokens)
-            m.requests.labels(out.finish_reason.value if out.finish_reason else "unknown").inc()
+            self.finish(out.finish_reason.value if out.finish_reason else "unknown")
+
+    def finish(self, reason: str) -> None:
+        """Counts the request once: from its last output, or as aborted when its consumer went away first."""
+        if self.done:
+            return
+        self.done = True
+        m = self.metrics
+        m.e2e.observe(time.monotonic() - self.start)
+        m.prompt_tokens.inc(self.prompt_tokens)
+        m.generation_tokens.inc(self.completion_tokens)
+        m.requests.labels(reason).inc()

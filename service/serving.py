@@ -1,7 +1,7 @@
 """What the generation routes share: turning prompts into engine requests (with the limits checked before any
 compute) and running one HTTP request's engine requests together until they finish, time out or lose their client.
 
-Life of a generation request: `Serving.prompt` encodes each prompt, `Serving.request` builds and checks each
+Life of a generation request: `Serving.prompts` encodes the prompts, `Serving.request` builds and checks each
 engine request, `Generation.start` submits them all and waits for each one's first output (so a full queue is a
 503 before any response starts), then `Generation.events` yields `(index, RequestOutput)` as they come. A timer
 aborts whatever is unfinished at the request timeout (the engine then finishes those with `abort`); a client that
@@ -53,6 +53,7 @@ class Serving:
         self.name = settings.served_name
         self.tokenizer = engine.tokenizer
         self.created = int(time.time())
+        self.live: set[Generation] = set()  # generations between start and close, for fail_all
         gen = engine.checkpoint.generation
         self.start_id = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else gen.bos_token_id
         # request fields left unset take the checkpoint's generation_config.json values, as vLLM does
@@ -133,8 +134,13 @@ class Serving:
             raise from_value_error(e, names) from e
         return request
 
-    def generation(self, requests: list[GenerationRequest]) -> Generation:
-        return Generation(self.engine, requests, self.metrics, self.settings.request_timeout)
+    def generation(self, requests: list[GenerationRequest], prompt_tokens: list[int]) -> Generation:
+        return Generation(self.engine, requests, prompt_tokens, self.metrics, self.settings.request_timeout, self.live)
+
+    def fail_all(self, reason: str) -> None:
+        """The engine died: every generation still waiting on it ends now, with an error."""
+        for generation in list(self.live):
+            generation.fail(reason)
 
 
 def engine_error(error: Exception) -> APIError:
@@ -148,23 +154,34 @@ def engine_error(error: Exception) -> APIError:
 
 
 class Generation:
-    """The engine requests of one HTTP request, run concurrently; outputs come back merged, tagged by index."""
+    """The engine requests of one HTTP request, run concurrently; outputs come back merged, tagged by index.
 
-    def __init__(self, engine: Engine, requests: list[GenerationRequest], metrics: Metrics, timeout: float) -> None:
-        self.engine, self.requests, self.timeout = engine, requests, timeout
-        self.timers: list[RequestTimer] = [metrics.timer() for _ in requests]
+    Should the engine thread die with one of them still queued, nothing would ever answer it: `fail` (called by the
+    server's watchdog, see lifecycle.py) wakes the consumer, which then ends every unfinished request with an
+    error instead of waiting forever.
+    """
+
+    def __init__(self, engine: Engine, requests: list[GenerationRequest], prompt_tokens: list[int], metrics: Metrics,
+                 timeout: float, live: set[Generation]) -> None:
+        self.engine, self.requests, self.timeout, self.live = engine, requests, timeout, live
+        self.prompt_tokens = prompt_tokens  # per request, as clients count them (encoder-decoder: the source)
+        self.timers: list[RequestTimer] = [metrics.timer(n) for n in prompt_tokens]
         self.finished = [False] * len(requests)
         self.timed_out = False
+        self.failure: str | None = None
         self._buffer: deque[tuple[int, RequestOutput]] = deque()
         self._single: AsyncIterator[RequestOutput] | None = None  # one request: read it directly, no pump task
         self._queue: asyncio.Queue[tuple[int, RequestOutput | BaseException]] = asyncio.Queue()
         self._pumps: list[asyncio.Task] = []
         self._deadline: asyncio.TimerHandle | None = None
+        self._consumer: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Submits every request and returns once each has produced its first output; raises APIError (503 for a
         full queue) after aborting the others if any cannot be taken."""
         self._deadline = asyncio.get_running_loop().call_later(self.timeout, self._on_timeout)
+        self._consumer = asyncio.current_task()
+        self.live.add(self)
         try:
             if len(self.requests) == 1:
                 self._single = self.engine.submit(self.requests[0])
@@ -179,8 +196,16 @@ class Generation:
                 started.add(index)
                 self._buffer.append((index, item))
         except (QueueFull, EngineError, ValueError) as e:
+            for timer in self.timers:  # refused, not aborted: the 503 is counted by status
+                timer.done = True
             self.close()
             raise engine_error(e) from e
+        except asyncio.CancelledError:
+            self.close()
+            if self.failure is None:
+                raise
+            _uncancel()
+            raise unavailable(self.failure, code="engine_dead", retry_after=30) from None
         except BaseException:
             self.close()
             raise
@@ -194,14 +219,23 @@ class Generation:
 
     async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every output of every request, in arrival order, until all have finished."""
+        self._consumer = asyncio.current_task()
         remaining = self.finished.count(False)
         while remaining:
-            if self._buffer:
-                index, item = self._buffer.popleft()
-            elif self._single is not None:
-                index, item = 0, await anext(self._single)
-            else:
-                index, item = await self._queue.get()
+            try:
+                if self._buffer:
+                    index, item = self._buffer.popleft()
+                elif self._single is not None:
+                    index, item = 0, await anext(self._single)
+                else:
+                    index, item = await self._queue.get()
+            except asyncio.CancelledError:
+                if self.failure is None:
+                    raise
+                _uncancel()
+                for index, out in self._failed_outputs():
+                    yield index, out
+                return
             if isinstance(item, BaseException):
                 raise item
             self.timers[index].observe(item)
@@ -209,6 +243,25 @@ class Generation:
                 self.finished[index] = True
                 remaining -= 1
             yield index, item
+        self.live.discard(self)
+
+    def _failed_outputs(self) -> list[tuple[int, RequestOutput]]:
+        outputs = []
+        for index, request in enumerate(self.requests):
+            if not self.finished[index]:
+                self.finished[index] = True
+                out = RequestOutput(request.request_id, "", [], [] if request.params.logprobs is not None else None,
+                                    len(request.prompt_ids), self.timers[index].completion_tokens, True,
+                                    FinishReason.ERROR, self.failure)
+                self.timers[index].observe(out)
+                outputs.append((index, out))
+        return outputs
+
+    def fail(self, reason: str) -> None:
+        """The engine will not answer any more: end the unfinished requests with an error now."""
+        self.failure = reason
+        if self._consumer is not None and not self._consumer.done():
+            self._consumer.cancel()
 
     def _on_timeout(self) -> None:
         self.timed_out = True
@@ -218,13 +271,22 @@ class Generation:
 
     def close(self) -> None:
         """Aborts every unfinished request at once (client gone, error or timeout); safe to call twice."""
+        self.live.discard(self)
         if self._deadline is not None:
             self._deadline.cancel()
-        for request, finished in zip(self.requests, self.finished):
+        for request, finished, timer in zip(self.requests, self.finished, self.timers):
             if not finished:
                 self.engine.abort(request.request_id)
+                timer.finish("abort")
         for pump in self._pumps:
             pump.cancel()
+
+
+def _uncancel() -> None:
+    """We cancelled our own task to wake it (Generation.fail) and handled that: clear the request (Python 3.11+)."""
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):
+        task.uncancel()
 
 
 @dataclass
@@ -244,14 +306,14 @@ class Collected:
         self.token_ids = (self.token_ids or []) + out.token_ids
         if out.logprobs is not None:
             self.logprobs = (self.logprobs or []) + out.logprobs
-        self.prompt_tokens, self.completion_tokens = out.prompt_tokens, out.completion_tokens
+        self.completion_tokens = out.completion_tokens
         if out.finished:
             self.finish_reason, self.error = out.finish_reason, out.error
 
 
 async def collect(generation: Generation) -> list[Collected]:
     """Runs a started generation to the end; an engine failure of any request is a 500."""
-    results = [Collected() for _ in generation.requests]
+    results = [Collected(prompt_tokens=n) for n in generation.prompt_tokens]
     try:
         async for index, out in generation.events():
             results[index].add(out)

@@ -10,7 +10,13 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = ROOT / "checkpoints" / "default"
+
+
+def default_model() -> Path:
+    """The bundled checkpoint: beside the sources (a checkout or editable install), else under the working
+    directory (an installed package run from the project directory, as in the Docker image)."""
+    candidates = [ROOT / "checkpoints" / "default", Path.cwd() / "checkpoints" / "default"]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
 class Settings(BaseSettings):
@@ -20,7 +26,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LMSERVE_", extra="ignore",
                                       protected_namespaces=())
 
-    model: Path = Field(DEFAULT_MODEL, description="checkpoint directory to serve")
+    model: Path = Field(default_factory=default_model, description="checkpoint directory to serve")
     model_name: str | None = Field(None, description="name the API reports and expects in 'model' "
                                                      "(default: the checkpoint directory's name)")
     host: str = Field("0.0.0.0", description="address to listen on")

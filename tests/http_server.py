@@ -98,3 +98,23 @@ def sse_events(lines: Iterator[str]) -> Iterator[dict | str]:
         if line.startswith("data: "):
             payload = line[len("data: "):]
             yield payload if payload == "[DONE]" else json.loads(payload)
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+def wait_idle(server: LiveServer) -> dict[str, float]:
+    """Waits until no request holds a cache row; returns the metrics then."""
+    wait_until(lambda: server.metrics()["lmserve_requests_running"] == 0, timeout=5, what="0 running")
+    metrics = server.metrics()
+    assert metrics["lmserve_kv_cache_usage_ratio"] == 0
+    assert metrics["lmserve_kv_cache_free_rows"] == metrics["lmserve_kv_cache_rows"]
+    return metrics

@@ -11,7 +11,7 @@ import math
 import httpx
 import openai
 import pytest
-from http_server import LiveServer, make_checkpoint, sse_events, tokenizer, wait_until
+from http_server import LiveServer, assert_error, make_checkpoint, sse_events, tokenizer, wait_idle, wait_until
 
 from service.settings import Settings
 
@@ -45,26 +45,6 @@ def stream(server: LiveServer, path: str, body: dict) -> list:
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
         return list(sse_events(response.iter_lines()))
-
-
-def assert_error(response: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if param is not None:
-        assert error["param"] == param, error
-    if code is not None:
-        assert error["code"] == code, error
-    return error
-
-
-def wait_idle(server: LiveServer) -> dict[str, float]:
-    """Waits until no request holds a cache row; returns the metrics then."""
-    wait_until(lambda: server.metrics()["lmserve_requests_running"] == 0, timeout=5, what="0 running")
-    metrics = server.metrics()
-    assert metrics["lmserve_kv_cache_usage_ratio"] == 0
-    assert metrics["lmserve_kv_cache_free_rows"] == metrics["lmserve_kv_cache_rows"]
-    return metrics
 
 
 # ---- /generate -------------------------------------------------------------------------------------------------------
@@ -348,7 +328,7 @@ def test_disconnect_mid_stream_aborts_and_frees_the_cache(server):
                                                                                 json=body) as response:
         lines = response.iter_lines()
         assert next(sse_events(lines))["index"] == 0
-        assert server.metrics()["lmserve_requests_running"] == 1
+        wait_until(lambda: server.metrics()["lmserve_requests_running"] == 1, timeout=5, what="1 running")
     metrics = wait_idle(server)  # the client is gone: its request was aborted, not finished
     assert metrics['lmserve_requests_total{finish_reason="abort"}'] == aborts + 1
 
@@ -356,14 +336,14 @@ def test_disconnect_mid_stream_aborts_and_frees_the_cache(server):
 def test_disconnect_while_waiting_for_a_whole_answer_aborts(server):
     aborts = server.metrics().get('lmserve_requests_total{finish_reason="abort"}', 0)
     body = {"prompt": "x", "max_new_tokens": 500, "temperature": 0, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=server.url, timeout=0.3) as client:
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=server.url, timeout=0.05) as client:
         client.post("/generate", json=body)
     metrics = wait_idle(server)
     assert metrics['lmserve_requests_total{finish_reason="abort"}'] == aborts + 1
 
 
 def test_request_timeout_aborts_with_the_text_so_far(server, monkeypatch):
-    monkeypatch.setattr(server.state.settings, "request_timeout", 0.2)
+    monkeypatch.setattr(server.state.settings, "request_timeout", 0.05)
     body = {"prompt": "x", "max_new_tokens": 500, "temperature": 0, "ignore_eos": True}
     out = generate(server, **body)["outputs"][0]
     assert out["finish_reason"] == "abort" and 0 < len(out["token_ids"]) < 500

@@ -156,6 +156,17 @@ def test_literal_special_string_in_text_becomes_special_token(tok: Tokenizer) ->
     assert tok.decode(ids) == "beforeafter"
 
 
+def test_allow_special_false_encodes_special_strings_as_plain_text(tok: Tokenizer) -> None:
+    # what the server does with prompts: a user cannot forge EOS/BOS by typing their names
+    text = f"{BOS_TOKEN}before{EOS_TOKEN}after{PAD_TOKEN}"
+    ids = tok.encode(text, allow_special=False)
+    assert not set(ids) & tok.special_ids
+    assert tok.decode(ids) == text  # plain characters: they survive skip_special_tokens
+    assert tok.encode_batch([text, "x"], allow_special=False) == [ids, tok.encode("x")]
+    assert tok.encode(text, add_eos=True, allow_special=False)[-1] == tok.eos_id  # explicit specials still work
+    assert tok.eos_id in tok.encode(text)  # the default is unchanged
+
+
 def test_encode_batch_matches_encode(tok: Tokenizer) -> None:
     texts = ROUND_TRIP_TEXTS
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]

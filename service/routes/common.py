@@ -24,7 +24,7 @@ def get_serving(request: Request) -> Serving:
     serving = state.serving
     if serving is None or not state.ready:
         if state.error:
-            raise unavailable(f"the model is not available: {state.error}", code="model_unavailable", retry_after=30)
+            raise unavailable(f"the model failed to load: {state.error}", code="load_failed", retry_after=30)
         raise unavailable(f"the model is {state.status}; retry shortly", code="not_ready", retry_after=5)
     if not serving.engine.alive:
         raise unavailable(serving.engine.dead_reason or "the engine is not running", code="engine_dead",
@@ -66,3 +66,6 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.on_close()
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:  # a generator left suspended (client gone mid-send) runs its cleanup now
+                await aclose()

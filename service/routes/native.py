@@ -65,7 +65,7 @@ async def generate(request: Request, body: Annotated[GenerateRequest, Body(opena
     requests = [serving.request(p, params, explicit_max=explicit, names=NO_RENAMES,
                                 param=f"prompt[{i}]" if len(prompts) > 1 else "prompt")
                 for i, p in enumerate(prompts)]
-    generation = serving.generation(requests)
+    generation = serving.generation(requests, [p.num_tokens for p in prompts])
     await unless_disconnected(request, generation.start())
     if body.stream:
         return EventStream(_events(serving, generation, request), on_close=generation.close)
@@ -90,9 +90,9 @@ async def _events(serving: Serving, generation: Generation, request: Request) ->
     reasons: list[str | None] = [None] * len(generation.requests)
     try:
         async for index, out in generation.events():
-            yield sse(_event(serving, index, out))
+            yield sse(_event(serving, index, out, generation.prompt_tokens[index]))
             if out.finished:
-                totals[0] += out.prompt_tokens
+                totals[0] += generation.prompt_tokens[index]
                 totals[1] += out.completion_tokens
                 reasons[index] = out.finish_reason.value if out.finish_reason else None
         yield DONE
@@ -104,7 +104,7 @@ async def _events(serving: Serving, generation: Generation, request: Request) ->
                    stream=True, timed_out=generation.timed_out or None)
 
 
-def _event(serving: Serving, index: int, out: RequestOutput) -> dict[str, Any]:
+def _event(serving: Serving, index: int, out: RequestOutput, prompt_tokens: int) -> dict[str, Any]:
     event: dict[str, Any] = {"index": index, "text": out.text, "token_id": out.token_ids[-1] if out.token_ids else None}
     if len(out.token_ids) > 1:
         event["token_ids"] = out.token_ids
@@ -112,7 +112,7 @@ def _event(serving: Serving, index: int, out: RequestOutput) -> dict[str, Any]:
         event["logprobs"] = logprobs_json(serving, out.logprobs)
     if out.finished:
         event["finish_reason"] = out.finish_reason.value if out.finish_reason else None
-        event["usage"] = usage(out.prompt_tokens, out.completion_tokens)
+        event["usage"] = usage(prompt_tokens, out.completion_tokens)
         if out.error:
             event["error"] = error_body(out.error, "internal_error", code="engine_error")["error"]
     return event

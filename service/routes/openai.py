@@ -20,6 +20,7 @@ from service.schemas import (
     ERROR_RESPONSES,
     CompletionRequest,
     CompletionResponse,
+    ErrorResponse,
     ModelCard,
     ModelList,
 )
@@ -92,8 +93,9 @@ class Logprobs:
                 "top_logprobs": self.top_logprobs[start:], "text_offset": self.text_offset[start:]}
 
 
-@router.post("/completions", summary="OpenAI completions", responses={200: {"model": CompletionResponse},
-                                                                       404: ERROR_RESPONSES[400], **ERROR_RESPONSES})
+@router.post("/completions", summary="OpenAI completions", responses={
+    200: {"model": CompletionResponse}, 404: {"model": ErrorResponse, "description": "unknown model"},
+    **ERROR_RESPONSES})
 async def completions(request: Request,
                       body: Annotated[CompletionRequest, Body(openapi_examples=COMPLETION_EXAMPLES)],
                       serving: ServingDep) -> Response:
@@ -124,7 +126,7 @@ async def completions(request: Request,
                                 explicit_max=explicit, names=RENAMES,
                                 param=f"prompt[{i}]" if len(prompts) > 1 else "prompt")
                 for i, prompt in enumerate(prompts) for c in range(body.n)]
-    generation = serving.generation(requests)
+    generation = serving.generation(requests, [p.num_tokens for p in prompts for _ in range(body.n)])
     await unless_disconnected(request, generation.start())
     reply = _Reply(serving, body, prompts, "cmpl-" + request_id(request))
     if body.stream:

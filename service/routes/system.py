@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from service.errors import APIError, unavailable
 from service.lifecycle import ServerState
@@ -22,11 +23,13 @@ def _state(request: Request) -> ServerState:
     return request.app.state.lmserve
 
 
-@router.get("/", summary="Where to look next", include_in_schema=False)
-async def root(request: Request) -> JSONResponse:
-    state = _state(request)
-    return JSONResponse({"name": "lmserve", "model": state.settings.served_name, "status": state.status,
-                         "docs": "/docs"})
+PLAYGROUND = Path(__file__).resolve().parents[1] / "static" / "playground.html"
+
+
+@router.get("/", summary="The web playground", include_in_schema=False)
+async def playground() -> HTMLResponse:
+    """One static page, everything inline (no CDN, no build step): next-token bars, temperature, generate."""
+    return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
 
 
 @router.get("/health", summary="Liveness: 200 while the process and its engine work", responses={
