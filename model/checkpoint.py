@@ -112,6 +112,7 @@ def save_checkpoint(
     tensors = {f: state[k].detach().contiguous().cpu() for f, k in _stored_names(model).items()}
     tmp = directory / (WEIGHTS_FILE + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)  # safetensors writes 0600; a server running as another user (Docker) must read it
     os.replace(tmp, directory / WEIGHTS_FILE)  # a crash mid-write never leaves a half-written checkpoint
     (directory / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2) + "\n")
     tokenizer.save(directory / TOKENIZER_FILE)

@@ -97,7 +97,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the bundled default model: modern decoder-only layout, trained on the standard library's Python
     "default-code": dict(data="python-stdlib", vocab_size=6144, hidden_size=256, num_hidden_layers=6,
                          num_attention_heads=4, num_key_value_heads=2, intermediate_size=704, seq_len=256,
-                         batch_size=16, max_steps=3000, lr=2e-3, warmup_steps=200, compile=True),
+                         batch_size=16, max_steps=2600, lr=2e-3, warmup_steps=200, compile=True, max_minutes=88),
     # the original Transformer (encoder-decoder, post-norm, sinusoidal, ReLU) learning numbers -> words
     "seq2seq-numbers": dict(data="numbers-to-words", vocab_size=512, split_digits=True, hidden_size=128,
                             num_hidden_layers=3, num_encoder_layers=3, num_attention_heads=4, intermediate_size=512,

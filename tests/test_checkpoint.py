@@ -36,6 +36,7 @@ def test_save_load_round_trip_is_bit_exact_and_keeps_ties(tmp_path, tokenizer, v
     save_checkpoint(tmp_path, model, tokenizer, generation)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o044 == 0o044  # readable by a server's own user
 
     loaded = load_checkpoint(tmp_path)
     original, restored = model.state_dict(), loaded.model.state_dict()

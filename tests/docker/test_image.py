@@ -12,6 +12,7 @@ import os
 import shlex
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -77,9 +78,24 @@ def test_image_builds_runs_serves_and_stops_cleanly():
             assert probs.status_code == 200 and len(probs.json()["results"][0]["tokens"]) == 5
             info = client.get("/info").json()
             assert info["device"] == "cpu" and info["model"] == "default"
-        stop_start = time.monotonic()
-        docker("stop", "-t", "20", container, timeout=60)
-        assert time.monotonic() - stop_start < 20  # drained and exited within the grace period
+
+            # docker stop while a request is in flight: SIGTERM lets it finish, then the server exits
+            in_flight: dict[str, httpx.Response] = {}
+            body = {"prompt": "class Server:", "max_new_tokens": 200, "temperature": 0, "ignore_eos": True}
+            worker = threading.Thread(target=lambda: in_flight.update(response=client.post("/generate", json=body)))
+            worker.start()
+            deadline = time.monotonic() + 30
+            while "lmserve_requests_running 1.0" not in client.get("/metrics").text:
+                assert time.monotonic() < deadline and worker.is_alive(), "the request never started"
+                time.sleep(0.02)
+            stop_start = time.monotonic()
+            docker("stop", "-t", "20", container, timeout=60)
+            assert time.monotonic() - stop_start < 20  # drained and exited within the grace period
+            worker.join(timeout=30)
+        drained = in_flight["response"]
+        assert drained.status_code == 200, drained.text
+        assert drained.json()["outputs"][0]["finish_reason"] == "length"
+        assert len(drained.json()["outputs"][0]["token_ids"]) == 200
         state = json.loads(docker("inspect", container, "--format", "{{json .State}}").stdout)
         assert state["ExitCode"] == 0, docker("logs", container, check=False).stderr[-3000:]
     finally:
