@@ -8,7 +8,8 @@ Same random weights for both (GPT-2 small shape, float32), prompt 32 tokens, 64 
   tokens/s <= measured read bandwidth / bytes of weights;
 - compute bound: tokens/s <= measured GEMM FLOP/s / (2 x parameters) at large batch;
 - transformers `generate` at batch 1 and 32; lmserve at 1 stream and 32 concurrent streams of mixed
-  prompt lengths (16..48 tokens, mean 32), through the engine's async API.
+  prompt lengths (16..48 tokens, mean 32), through the engine's async API, each in an engine with as many
+  rows as streams (and, for reference, 1 stream in the 32-row engine).
 Ends with `RESULT single_stream_vs_bound=... batch32_vs_hf=...`.
 """
 
@@ -108,7 +109,10 @@ def lmserve_tokens_per_s(engine: Engine, streams: int, mixed: bool) -> float:
 
     async def one(n: int) -> int:
         prompt = torch.randint(0, engine.vocab_size, (n,), generator=g).tolist()
-        return sum(len(o.token_ids) async for o in engine.submit(GenerationRequest(prompt, params)))
+        generated = 0
+        async for out in engine.submit(GenerationRequest(prompt, params)):
+            generated = out.completion_tokens
+        return generated
 
     async def all_streams() -> int:
         return sum(await asyncio.gather(*(one(n) for n in lengths)))
@@ -151,13 +155,15 @@ def main() -> None:
 
     tokenizer = Tokenizer.train(["lmserve"], vocab_size=300)  # ids only; the text is never looked at
     checkpoint = Checkpoint(model, tokenizer, GenerationConfig(eos_token_id=50256), Path("bench"))
-    rows = []
+    rows, single_in_big = [], None
     for batch in sorted(set([1, *args.batch_sizes])):
         hf_rate = hf_tokens_per_s(hf, batch, device)
         engine = Engine(checkpoint, EngineConfig(max_batch_size=max(batch, 1), max_seq_len=PROMPT + 16 + NEW + 1,
                                                  max_prefill_tokens=2048))
         engine.start()
         ours = lmserve_tokens_per_s(engine, batch, mixed=batch > 1)
+        if batch > 1:  # one stream alone in an engine sized (and its CPU weights packed) for many
+            single_in_big = (batch, lmserve_tokens_per_s(engine, 1, mixed=False))
         engine.shutdown()
         rows.append((batch, hf_rate, ours))
     print("\n| streams | transformers tok/s | lmserve tok/s | lmserve / transformers | lmserve / bound |")
@@ -166,6 +172,9 @@ def main() -> None:
         bound = bound_1 if batch == 1 else bound_compute
         print(f"| {batch} | {hf_rate:.1f} | {ours:.1f} | {ours / hf_rate:.2f} | {ours / bound:.2f} "
               f"({'bandwidth' if batch == 1 else 'compute'}) |")
+    if single_in_big is not None:
+        print(f"lmserve 1 stream in a {single_in_big[0]}-row engine: {single_in_big[1]:.1f} tok/s "
+              f"({single_in_big[1] / bound_1:.2f} of the bandwidth bound)")
     single = rows[0][2] / bound_1
     b32 = next((ours / hf_rate for b, hf_rate, ours in rows if b == 32), float("nan"))
     print(f"transformers single stream vs bound: {rows[0][1] / bound_1:.2f}")

@@ -74,7 +74,7 @@ async def info(serving: ServingDep) -> JSONResponse:
     engine, settings = serving.engine, serving.settings
     model = engine.checkpoint.model
     body: dict[str, Any] = {
-        "model": serving.name, "path": str(engine.checkpoint.path), "parameters": model.num_parameters(),
+        "model": serving.name, "path": str(engine.checkpoint.path), "parameters": engine.runner.num_parameters,
         "dtype": str(engine.runner.dtype).removeprefix("torch."), "device": str(engine.device),
         "is_encoder_decoder": engine.is_encoder_decoder, "config": model.config.to_dict(),
         "generation_defaults": serving.defaults,
