@@ -97,6 +97,10 @@ class RequestTimer:
         if out.finished:
             self.finish(out.finish_reason.value if out.finish_reason else "unknown")
 
+    def discard(self) -> None:
+        """The engine never took the request (e.g. a full queue): count nothing for it."""
+        self.done = True
+
     def finish(self, reason: str) -> None:
         """Counts the request once: from its last output, or as aborted when its consumer went away first."""
         if self.done:

@@ -197,7 +197,7 @@ class Generation:
                 self._buffer.append((index, item))
         except (QueueFull, EngineError, ValueError) as e:
             for timer in self.timers:  # refused, not aborted: the 503 is counted by status
-                timer.done = True
+                timer.discard()
             self.close()
             raise engine_error(e) from e
         except asyncio.CancelledError:

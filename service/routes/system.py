@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,15 @@ def _state(request: Request) -> ServerState:
 PLAYGROUND = Path(__file__).resolve().parents[1] / "static" / "playground.html"
 
 
+@functools.cache
+def _playground_html() -> str:
+    return PLAYGROUND.read_text(encoding="utf-8")  # read once, on the first visit
+
+
 @router.get("/", summary="The web playground", include_in_schema=False)
 async def playground() -> HTMLResponse:
     """One static page, everything inline (no CDN, no build step): next-token bars, temperature, generate."""
-    return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
+    return HTMLResponse(_playground_html())
 
 
 @router.get("/health", summary="Liveness: 200 while the process and its engine work", responses={
