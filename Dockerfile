@@ -9,6 +9,8 @@ ARG TORCH_SPEC=torch==2.13.0
 # optional extra places for pip to look (a local wheel server, a mirror)
 ARG PIP_FIND_LINKS=""
 ARG PIP_INDEX_URL=""
+# 1: build lmserve's CPU kernels (service/kernels/cpu.c) into the image with a throwaway compiler
+ARG CPU_KERNEL=1
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -16,7 +18,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     LMSERVE_HOST=0.0.0.0 \
     LMSERVE_PORT=8000 \
-    LMSERVE_MODEL=/app/checkpoints/default
+    LMSERVE_MODEL=/app/checkpoints/default \
+    LMSERVE_KERNEL_DIR=/app/kernels
 
 RUN useradd --create-home --uid 10001 lmserve
 WORKDIR /app
@@ -37,6 +40,13 @@ COPY README.md ./
 COPY model ./model
 COPY service ./service
 RUN pip install --no-cache-dir --no-deps . && python -c "import model, service"
+# the compiler is installed, used and removed in one layer: only the built library stays
+RUN set -eux; \
+    if [ "$CPU_KERNEL" = "1" ]; then \
+        apt-get update; apt-get install -y --no-install-recommends gcc libc6-dev; \
+        python -m service.cpu_kernels; \
+        apt-get purge -y --auto-remove gcc libc6-dev binutils; apt-get clean; rm -rf /var/lib/apt/lists/*; \
+    fi
 COPY checkpoints/default ./checkpoints/default
 
 USER lmserve

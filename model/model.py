@@ -90,6 +90,7 @@ class AttentionContext:
     memory: torch.Tensor | None = None  # encoder output (B, S_src, C) when no cache holds its K/V
     cross_mask: torch.Tensor | None = None  # (B, 1, 1, S_src)
     positions: torch.Tensor | None = None  # (B, T)
+    decode_attention: Callable | None = None  # optional SDPA replacement for one query per sequence
 
 
 class Attention(nn.Module):
@@ -129,11 +130,14 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
             if ctx.cache is not None:
                 k, v = ctx.cache.update(layer, ctx.cache_rows, ctx.cache_index, k, v, ctx.kv_len)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # (B, H, T, D)
+        if T == 1 and mask is not None and ctx.decode_attention is not None:
+            y = ctx.decode_attention(q, k, v, mask)  # (B, H, 1, D)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -216,6 +220,7 @@ class Transformer(nn.Module):
         self.encoder_norm = make_norm(config) if pre and config.is_encoder_decoder else None
         self.norm = make_norm(config) if pre else None
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.decode_attention: Callable | None = None  # set by an inference engine with a faster kernel
         self.reset_buffers()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the projections into the residual
@@ -293,7 +298,8 @@ class Transformer(nn.Module):
         contiguous = positions is None
         if positions is None:
             positions = torch.arange(T, device=device).expand(B, T)
-        ctx = AttentionContext(mask=None, rope=self.rope_for(positions), positions=positions)
+        ctx = AttentionContext(mask=None, rope=self.rope_for(positions), positions=positions,
+                               decode_attention=None if self.training else self.decode_attention)
         if cache is not None:
             ctx.cache, ctx.cache_rows, ctx.cache_index = cache, cache_rows, cache.write_index(cache_rows, positions)
             ctx.kv_len = kv_len if kv_len is not None else int(positions.max()) + 1
@@ -347,8 +353,8 @@ class Transformer(nn.Module):
         x = self.embed(input_ids, positions)
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, i)
-        if logits_at is not None:
-            x = x[torch.arange(B, device=x.device), logits_at]  # (B, C): only the positions asked for
+        if logits_at is not None:  # (B, C): only the positions asked for (with one token, that one)
+            x = x[:, 0] if T == 1 else x[torch.arange(B, device=x.device), logits_at]
         if self.norm is not None:
             x = self.norm(x)
         return self.lm_head(x).float()  # logits in fp32 whatever the weights' dtype

@@ -55,7 +55,7 @@ class EngineConfig:
     max_prefill_tokens: int = 512  # prompt tokens per step; longer prompts are chunked
     max_queue: int = 256  # waiting requests beyond which submit raises QueueFull
     cuda_graphs: bool = True
-    pack_cpu_weights: bool = True  # oneDNN-packed linear weights on CPU (float32): faster small-batch products
+    cpu_kernels: bool = True  # float32 CPU models on our kernels (service/cpu_kernels.py) where they build
     seed: int = 0  # for requests without their own seed
 
 
@@ -91,7 +91,7 @@ class Engine:
         self.runner = ModelRunner(checkpoint.model, self.config.max_batch_size, self.max_seq_len,
                                   max_source_len=self.max_seq_len if self.is_encoder_decoder else None,
                                   cuda_graphs=self.config.cuda_graphs,
-                                  pack_cpu_weights=self.config.pack_cpu_weights)
+                                  cpu_kernels=self.config.cpu_kernels)
         self.device = self.runner.device
         self.scheduler = Scheduler(self.config.max_batch_size, self.max_seq_len, self.config.max_prefill_tokens)
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)

@@ -4,8 +4,8 @@ One step = row moves (cache compaction), batched prefill chunks (right-padded, o
 similar lengths), then one decode forward over cache rows 0..m, where m is the highest decoding row: rows
 in that block that are not decoding this step (still prefilling) ride along as padding (position -1), so
 decode never gathers cache rows. On CUDA the decode forward is captured as CUDA graphs for a few bucketed
-batch sizes and replayed; on CPU the float32 weights of the linear layers are packed for oneDNN
-(service/cpu_packing.py).
+batch sizes and replayed; on CPU float32 models run their linear layers and decode attention on our own kernels
+(service/cpu_kernels.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from model.kv_cache import KVCache
 from model.model import Transformer
-from service.cpu_packing import can_pack, num_parameters, pack_linears
+from service.cpu_kernels import use_cpu_kernels
 from service.scheduler import PrefillChunk
 
 log = logging.getLogger(__name__)
@@ -49,15 +49,15 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 class ModelRunner:
     def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, max_source_len: int | None = None,
-                 cuda_graphs: bool = True, pack_cpu_weights: bool = True) -> None:
+                 cuda_graphs: bool = True, cpu_kernels: bool = True) -> None:
         self.model = model.eval()
         self.device = model.device
         self.dtype = model.embed_tokens.weight.dtype
         self.config = model.config
-        if pack_cpu_weights and can_pack(model):
-            layers = pack_linears(model, batch_hint=max_batch_size)
-            log.info("packed %d linear layers for oneDNN (batch %d)", layers, max_batch_size)
-        self.num_parameters = num_parameters(model)
+        self.cpu_kernels = bool(cpu_kernels and use_cpu_kernels(model))
+        if self.cpu_kernels:
+            log.info("linear layers and decode attention on lmserve's CPU kernels")
+        self.num_parameters = model.num_parameters()
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.cache = KVCache(self.config, max_batch_size, max_seq_len, device=self.device, dtype=self.dtype,
                              max_source_len=max_source_len)
@@ -129,7 +129,10 @@ class ModelRunner:
             logits = self.model(self.tensor(tokens)[:, None], self.tensor(positions)[:, None], cache=self.cache,
                                 logits_at=torch.zeros(block, dtype=torch.long, device=self.device),
                                 kv_len=max(positions) + 1)  # (block, V)
-        return logits[self.tensor([i.row for i in inputs])]
+        rows = [i.row for i in inputs]
+        if rows == list(range(len(rows))):  # the usual case: a view, no gather
+            return logits[:len(rows)]
+        return logits[self.tensor(rows)]
 
     @torch.inference_mode()
     def last_token_logits(self, prompts: list[list[int]], sources: list[list[int]] | None = None) -> torch.Tensor:

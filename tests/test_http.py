@@ -150,6 +150,7 @@ def test_tokenize_detokenize_and_info(server):
     info = server.client.get("/info").json()
     assert info["model"] == "tiny-dec" and info["device"] == "cpu" and info["dtype"] == "float32"
     assert info["config"]["vocab_size"] == server.engine.vocab_size and info["parameters"] > 0
+    assert info["cpu_kernels"] == server.engine.runner.cpu_kernels
     assert info["limits"]["max_seq_len"] == 512 and info["limits"]["max_batch_size"] == 8
     models = server.client.get("/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny-dec"]

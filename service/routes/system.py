@@ -74,7 +74,8 @@ async def metrics(request: Request) -> Response:
 @router.get("/info", summary="The model, its config.json fields, and the server's limits", responses={
     200: {"content": {"application/json": {"example": {
         "model": "default", "path": "checkpoints/default", "parameters": 1234567, "dtype": "float32",
-        "device": "cpu", "is_encoder_decoder": False, "config": {"vocab_size": 1024, "hidden_size": 256},
+        "device": "cpu", "cpu_kernels": True, "is_encoder_decoder": False,
+        "config": {"vocab_size": 1024, "hidden_size": 256},
         "limits": {"max_seq_len": 1024, "max_batch_size": 32}}}}}, **NOT_OK})
 async def info(serving: ServingDep) -> JSONResponse:
     engine, settings = serving.engine, serving.settings
@@ -82,7 +83,8 @@ async def info(serving: ServingDep) -> JSONResponse:
     body: dict[str, Any] = {
         "model": serving.name, "path": str(engine.checkpoint.path), "parameters": engine.runner.num_parameters,
         "dtype": str(engine.runner.dtype).removeprefix("torch."), "device": str(engine.device),
-        "is_encoder_decoder": engine.is_encoder_decoder, "config": model.config.to_dict(),
+        "cpu_kernels": engine.runner.cpu_kernels, "is_encoder_decoder": engine.is_encoder_decoder,
+        "config": model.config.to_dict(),
         "generation_defaults": serving.defaults,
         "limits": {"max_seq_len": serving.max_seq_len, "max_batch_size": engine.config.max_batch_size,
                    "max_queue": engine.config.max_queue, "max_prefill_tokens": engine.config.max_prefill_tokens,

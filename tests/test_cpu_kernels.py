@@ -1,0 +1,151 @@
+"""Our CPU kernels (the CPU engine's default): linear layers and decode attention compute what PyTorch computes,
+each sequence's result is bit-identical whatever else is in the batch, parameters are untouched, and where the
+kernels can't be built the model keeps PyTorch's layers."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_model
+from torch import nn
+
+from model.kv_cache import KVCache
+from service import cpu_kernels
+from service.cpu_kernels import DecodeAttention, KernelLinear, use_cpu_kernels
+from service.runner import ModelRunner
+
+CAN_BUILD = cpu_kernels.cpu_supported() and shutil.which("cc") is not None
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    library = cpu_kernels.kernels()
+    if library is None and not CAN_BUILD:
+        pytest.skip("the kernels need an x86-64 CPU with AVX2 and a C compiler")
+    assert library is not None, "the CPU supports the kernels and cc is present, yet they did not build"
+    return library
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("features", [(48, 80), (13, 7), (3, 1), (64, 1001), (3072, 8)])
+def test_kernel_linear_computes_what_linear_computes(kernel, bias, features):
+    torch.manual_seed(0)
+    linear = nn.Linear(*features, bias=bias)
+    layer = KernelLinear(linear, kernel)
+    for rows in (0, 1, 2, 3, 4, 5, 47, 48, 49, 100):
+        x = torch.randn(rows, features[0])
+        expected = F.linear(x.double(), linear.weight.double(), None if linear.bias is None else linear.bias.double())
+        torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 5, features[0])  # any leading shape
+    torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_each_row_is_bit_identical_whatever_else_is_in_the_batch(kernel):
+    torch.manual_seed(0)
+    layer = KernelLinear(nn.Linear(100, 37), kernel)  # tails in both dimensions
+    x = torch.randn(50, 100)
+    with torch.inference_mode():
+        alone = torch.cat([layer(x[i:i + 1]) for i in range(50)])
+        for rows in (2, 3, 4, 7, 48, 49, 50):
+            assert torch.equal(layer(x[:rows]), alone[:rows])
+
+
+def test_kernel_model_matches_the_plain_model_with_a_kv_cache(kernel, variant):
+    plain = make_model(variant)
+    fast = copy.deepcopy(plain)
+    layers = use_cpu_kernels(fast, kernel)
+    assert layers == sum(isinstance(m, nn.Linear) for m in plain.modules()) > 0
+    assert not any(type(m) is nn.Linear for m in fast.modules())
+    assert fast.num_parameters() == plain.num_parameters()  # shared parameters: nothing counted twice
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    if plain.config.tie_word_embeddings:
+        assert fast.lm_head.weight is fast.embed_tokens.weight
+    assert isinstance(fast.decode_attention, DecodeAttention)
+
+    config = plain.config
+    ids = torch.randint(0, config.vocab_size, (3, 12))
+    positions = torch.arange(12).expand(3, 12)
+    kwargs = {}
+    if config.is_encoder_decoder:
+        kwargs = dict(source_ids=torch.randint(0, config.vocab_size, (3, 9)), source_lengths=torch.tensor([9, 5, 7]))
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(ids, positions, **kwargs), plain(ids, positions, **kwargs),
+                                   rtol=1e-5, atol=1e-5)
+        if not config.is_encoder_decoder:  # and step by step through the KV cache
+            caches = [KVCache(config, 3, 16) for _ in range(2)]
+            for t in range(12):
+                step = [m(ids[:, t:t + 1], positions[:, t:t + 1], cache=c, logits_at=torch.zeros(3, dtype=torch.long))
+                        for m, c in zip((fast, plain), caches)]
+                torch.testing.assert_close(step[0], step[1], rtol=1e-5, atol=1e-5)
+
+
+def test_runner_uses_the_kernel_on_cpu_unless_told_not_to(kernel):
+    model = make_model("gpt2")
+    expected = model.num_parameters()
+    runner = ModelRunner(model, max_batch_size=8, max_seq_len=32)
+    assert runner.num_parameters == expected
+    assert any(isinstance(m, KernelLinear) for m in model.modules())
+
+    assert runner.cpu_kernels and model.decode_attention is not None
+
+    plain = make_model("gpt2")
+    runner = ModelRunner(plain, max_batch_size=8, max_seq_len=32, cpu_kernels=False)
+    assert not any(isinstance(m, KernelLinear) for m in plain.modules())
+    assert not runner.cpu_kernels and plain.decode_attention is None
+
+
+def test_bfloat16_weights_are_left_alone(kernel):
+    model = make_model("llama-gqa").to(torch.bfloat16)
+    assert use_cpu_kernels(model, kernel) == 0
+    assert not any(isinstance(m, KernelLinear) for m in model.modules()) and model.decode_attention is None
+
+
+def test_without_a_compiler_the_model_keeps_pytorch_layers(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "cpu_supported", lambda: True)
+    assert cpu_kernels.load(tmp_path, compiler="/nonexistent/cc") is None
+    assert list(tmp_path.iterdir()) == []  # no half-built library left behind
+
+
+def test_a_built_library_is_reused_without_compiling_again(kernel, tmp_path):
+    cpu_kernels.load(tmp_path)
+    built = tmp_path / cpu_kernels.library_name()
+    stamp = built.stat().st_mtime_ns
+    library = cpu_kernels.load(tmp_path, compiler="/nonexistent/cc")  # would fail if it tried to build
+    assert library is not None and built.stat().st_mtime_ns == stamp
+    layer = KernelLinear(nn.Linear(16, 8), library)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def cache_views(batch: int, kv_heads: int, slots: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values as the engine passes them: the first rows and slots of a bigger cache layer (strided)."""
+    k = torch.randn(batch + 2, kv_heads, slots + 5, head_dim)
+    v = torch.randn(batch + 2, kv_heads, slots + 5, head_dim)
+    return k[:batch, :, :slots], v[:batch, :, :slots]
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 16), (4, 2, 8), (6, 1, 13), (12, 12, 64)])
+def test_decode_attention_computes_what_sdpa_computes(kernel, heads, kv_heads, head_dim):
+    torch.manual_seed(0)
+    batch, slots = 5, 37
+    q = torch.randn(batch, heads, 1, head_dim)
+    k, v = cache_views(batch, kv_heads, slots, head_dim)
+    lengths = torch.tensor([1, 37, 20, 8, 33])  # each sequence attends to its first `length` slots
+    mask = (torch.arange(slots) < lengths[:, None])[:, None, None]  # (B, 1, 1, S)
+    mask[3, 0, 0, 2] = False  # any pattern, not only prefixes
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
+    attend = DecodeAttention(kernel)
+    torch.testing.assert_close(attend(q, k, v, mask), expected, rtol=1e-5, atol=1e-5)
+    alone = torch.cat([attend(q[i:i + 1], k[i:i + 1], v[i:i + 1], mask[i:i + 1]) for i in range(batch)])
+    assert torch.equal(attend(q, k, v, mask), alone)  # bit-identical whatever else is in the batch
+
+
+def test_decode_attention_leaves_other_shapes_to_sdpa(kernel):
+    q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
+    mask = torch.ones(2, 1, 3, 6, dtype=torch.bool)
+    torch.testing.assert_close(DecodeAttention(kernel)(q, k, v, mask),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
