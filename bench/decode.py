@@ -9,7 +9,8 @@ Same random weights for both (GPT-2 small shape, float32), prompt 32 tokens, 64 
 - compute bound: tokens/s <= measured GEMM FLOP/s / (2 x parameters) at large batch;
 - transformers `generate` at batch 1 and 32; lmserve at 1 stream and 32 concurrent streams of mixed
   prompt lengths (16..48 tokens, mean 32), through the engine's async API, each in an engine with as many
-  rows as streams (and, for reference, 1 stream in the 32-row engine).
+  rows as streams (and, for reference, 1 stream in the 32-row engine); on CPU also with the engine's own
+  kernels switched off (PyTorch's linear layers and SDPA), side by side.
 Ends with `RESULT single_stream_vs_bound=... batch32_vs_hf=...`.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import time
 from pathlib import Path
 
@@ -154,36 +156,52 @@ def main() -> None:
     print(f"transformers GPT2LMHeadModel with the same weights: max |logit diff| {diff:.2e}")
 
     tokenizer = Tokenizer.train(["lmserve"], vocab_size=300)  # ids only; the text is never looked at
-    checkpoint = Checkpoint(model, tokenizer, GenerationConfig(eos_token_id=50256), Path("bench"))
+    plain = copy.deepcopy(model) if device.type == "cpu" else None  # the engine swaps in its CPU kernels in place
+
+    def engine_rate(model: Transformer, batch: int, **config) -> tuple[float, float | None]:
+        """tokens/s at `batch` streams, and (for batch > 1) of one stream alone in the same engine."""
+        checkpoint = Checkpoint(model, tokenizer, GenerationConfig(eos_token_id=50256), Path("bench"))
+        engine = Engine(checkpoint, EngineConfig(max_batch_size=batch, max_seq_len=PROMPT + 16 + NEW + 1,
+                                                 max_prefill_tokens=2048, **config))
+        engine.start()
+        rate = lmserve_tokens_per_s(engine, batch, mixed=batch > 1)
+        alone = lmserve_tokens_per_s(engine, 1, mixed=False) if batch > 1 else None
+        engine.shutdown()
+        return rate, alone
+
     rows, single_in_big = [], None
     for batch in sorted(set([1, *args.batch_sizes])):
         hf_rate = hf_tokens_per_s(hf, batch, device)
-        engine = Engine(checkpoint, EngineConfig(max_batch_size=max(batch, 1), max_seq_len=PROMPT + 16 + NEW + 1,
-                                                 max_prefill_tokens=2048))
-        engine.start()
-        ours = lmserve_tokens_per_s(engine, batch, mixed=batch > 1)
-        if batch > 1:  # one stream alone in an engine sized (and its CPU weights packed) for many
-            single_in_big = (batch, lmserve_tokens_per_s(engine, 1, mixed=False))
-        engine.shutdown()
-        rows.append((batch, hf_rate, ours))
-    print("\n| streams | transformers tok/s | lmserve tok/s | lmserve / transformers | lmserve / bound |")
-    print("|---|---|---|---|---|")
-    for batch, hf_rate, ours in rows:
+        pytorch_rate = engine_rate(plain, batch, cpu_kernels=False)[0] if plain is not None else None
+        ours, alone = engine_rate(model, batch)
+        if alone is not None:
+            single_in_big = (batch, alone)
+        rows.append((batch, hf_rate, ours, pytorch_rate))
+    again = read_bandwidth(device)  # a shared machine's bandwidth drifts: keep the higher (stricter) bound
+    if again > bandwidth:
+        bandwidth, bound_1 = again, again / weight_bytes
+    print(f"read bandwidth measured again after the runs: {again / 1e9:.1f} GB/s; single-stream bound used: "
+          f"{bound_1:.1f} tok/s")
+    print("\n| streams | transformers tok/s | lmserve tok/s | lmserve / transformers | lmserve / bound "
+          "| lmserve on PyTorch's CPU kernels tok/s |")
+    print("|---|---|---|---|---|---|")
+    for batch, hf_rate, ours, pytorch_rate in rows:
         bound = bound_1 if batch == 1 else bound_compute
         print(f"| {batch} | {hf_rate:.1f} | {ours:.1f} | {ours / hf_rate:.2f} | {ours / bound:.2f} "
-              f"({'bandwidth' if batch == 1 else 'compute'}) |")
+              f"({'bandwidth' if batch == 1 else 'compute'}) | "
+              f"{'-' if pytorch_rate is None else f'{pytorch_rate:.1f}'} |")
     if single_in_big is not None:
         print(f"lmserve 1 stream in a {single_in_big[0]}-row engine: {single_in_big[1]:.1f} tok/s "
               f"({single_in_big[1] / bound_1:.2f} of the bandwidth bound)")
     # 32 streams also prefill 32-token prompts: per generated token that adds 2 x (parameters outside the
     # embedding) x PROMPT / NEW FLOPs (only the last prompt position is projected to the vocabulary)
     per_token = 2 * params + 2 * (params - GPT2_SMALL["vocab_size"] * GPT2_SMALL["hidden_size"]) * PROMPT / NEW
-    b32_hf = next((hf_rate for b, hf_rate, _ in rows if b == 32), None)
+    b32_hf = next((hf_rate for b, hf_rate, *_ in rows if b == 32), None)
     if b32_hf is not None:
         print(f"32 streams incl. prefill: compute bound {flops / per_token:.0f} tok/s; 3x transformers "
               f"({3 * b32_hf:.0f} tok/s) would be {3 * b32_hf * per_token / flops:.2f} of it")
     single = rows[0][2] / bound_1
-    b32 = next((ours / hf_rate for b, hf_rate, ours in rows if b == 32), float("nan"))
+    b32 = next((ours / hf_rate for b, hf_rate, ours, _ in rows if b == 32), float("nan"))
     print(f"transformers single stream vs bound: {rows[0][1] / bound_1:.2f}")
     print(f"RESULT single_stream_vs_bound={single:.2f} batch32_vs_hf={b32:.2f}")
 
