@@ -155,8 +155,13 @@ class ModelRunner:
                           logits_at=self.tensor([len(p) - 1 for p in prompts]), **kwargs)
 
 
+# right-padding a prefill group may add at most this fraction of its real tokens: every padded slot costs a
+# full token of compute, while another forward pass costs little more than one more read of the weights
+MAX_PREFILL_PADDING = 0.25
+
+
 def _length_groups(chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
-    """Groups chunks so right-padding at most doubles the tokens computed."""
+    """Groups chunks of similar lengths (longest first) so right-padding stays within MAX_PREFILL_PADDING."""
     groups: list[list[PrefillChunk]] = []
     for c in sorted(chunks, key=lambda c: c.start - c.end):  # longest first
         n = c.end - c.start
@@ -164,7 +169,7 @@ def _length_groups(chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
             group = groups[-1]
             width = group[0].end - group[0].start
             real = sum(g.end - g.start for g in group) + n
-            if (len(group) + 1) * width <= 2 * real:
+            if (len(group) + 1) * width <= (1 + MAX_PREFILL_PADDING) * real:
                 group.append(c)
                 continue
         groups.append([c])

@@ -292,3 +292,21 @@ def test_cuda_engine_with_graphs_matches_cpu(tokenizer):
     gpu.shutdown()
     agree = sum(a == b for a, b in zip(expected, got))
     assert agree >= 7  # float32 on both; a rare near-tie may flip one token
+
+
+def test_prefill_groups_cover_every_chunk_once_and_bound_the_padding():
+    from service.runner import MAX_PREFILL_PADDING, _length_groups
+    from service.scheduler import PrefillChunk, Sequence
+
+    lengths = [32 + (i * 13) % 33 - 16 for i in range(32)] + [1, 2, 300]  # 16..48 as in bench/decode.py
+    chunks = [PrefillChunk(Sequence(f"r{i}", n, 8), 0, n) for i, n in enumerate(lengths)]
+    groups = _length_groups(chunks)
+    assert sorted(id(c) for g in groups for c in g) == sorted(id(c) for c in chunks)
+    padded = 0
+    for group in groups:
+        sizes = [c.end - c.start for c in group]
+        assert sizes[0] == max(sizes)  # the first chunk sets the width
+        assert len(group) * sizes[0] <= (1 + MAX_PREFILL_PADDING) * sum(sizes)
+        padded += len(group) * sizes[0]
+    assert padded <= (1 + MAX_PREFILL_PADDING) * sum(lengths)
+    assert len(groups) < len(chunks) / 3  # similar lengths still share a forward pass
