@@ -78,8 +78,13 @@ def build(directory: Path, compiler: str | None = None) -> Path:
 
 @dataclass(frozen=True)
 class CpuKernels:
+    """The loaded library's functions: process-wide, so copies of a model share them."""
+
     linear: ctypes._CFuncPtr
     decode_attention: ctypes._CFuncPtr
+
+    def __deepcopy__(self, memo: dict) -> CpuKernels:
+        return self
 
 
 def load(directory: Path, compiler: str | None = None) -> CpuKernels | None:
@@ -115,14 +120,15 @@ class KernelLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.function = kernels.linear
+        self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).contiguous()  # (N, in)
         y = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)  # (N, out)
         if rows.shape[0]:
-            self.function(rows.data_ptr(), self.weight.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
-                          y.data_ptr(), rows.shape[0], self.in_features, self.out_features, torch.get_num_threads())
+            self.kernels.linear(rows.data_ptr(), self.weight.data_ptr(),
+                                None if self.bias is None else self.bias.data_ptr(), y.data_ptr(), rows.shape[0],
+                                self.in_features, self.out_features, torch.get_num_threads())
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -135,7 +141,7 @@ class DecodeAttention:
     dtypes or layouts go to PyTorch's SDPA."""
 
     def __init__(self, kernels: CpuKernels) -> None:
-        self.function = kernels.decode_attention
+        self.kernels = kernels
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, H, T, D = q.shape
@@ -148,9 +154,9 @@ class DecodeAttention:
         y = torch.empty_like(q)  # (B, H, 1, D)
         threads = torch.get_num_threads()
         scores = torch.empty(threads * S)
-        self.function(q.data_ptr(), k.data_ptr(), v.data_ptr(), allowed.data_ptr(), y.data_ptr(),
-                      B, H, k.shape[1], S, D, k.stride(0), k.stride(1), k.stride(2), D ** -0.5,
-                      scores.data_ptr(), threads)
+        self.kernels.decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), allowed.data_ptr(), y.data_ptr(),
+                                      B, H, k.shape[1], S, D, k.stride(0), k.stride(1), k.stride(2), D ** -0.5,
+                                      scores.data_ptr(), threads)
         return y
 
 

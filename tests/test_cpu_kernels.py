@@ -65,6 +65,8 @@ def test_kernel_model_matches_the_plain_model_with_a_kv_cache(kernel, variant):
     if plain.config.tie_word_embeddings:
         assert fast.lm_head.weight is fast.embed_tokens.weight
     assert isinstance(fast.decode_attention, DecodeAttention)
+    twin = copy.deepcopy(fast)  # copies share the loaded library
+    assert twin.lm_head.kernels is fast.lm_head.kernels and twin.lm_head.weight is not fast.lm_head.weight
 
     config = plain.config
     ids = torch.randint(0, config.vocab_size, (3, 12))
@@ -75,6 +77,7 @@ def test_kernel_model_matches_the_plain_model_with_a_kv_cache(kernel, variant):
     with torch.inference_mode():
         torch.testing.assert_close(fast(ids, positions, **kwargs), plain(ids, positions, **kwargs),
                                    rtol=1e-5, atol=1e-5)
+        assert torch.equal(twin(ids, positions, **kwargs), fast(ids, positions, **kwargs))
         if not config.is_encoder_decoder:  # and step by step through the KV cache
             caches = [KVCache(config, 3, 16) for _ in range(2)]
             for t in range(12):
