@@ -19,17 +19,18 @@ from service.cpu_kernels import DecodeAttention, KernelLinear, use_cpu_kernels
 from service.runner import ModelRunner
 
 CAN_BUILD = cpu_kernels.cpu_supported() and shutil.which("cc") is not None
+# like the CUDA tests: where the hardware (or the compiler) is missing there is nothing to run them on
+needs_kernels = pytest.mark.skipif(not CAN_BUILD, reason="needs an x86-64 CPU with AVX2 and a C compiler")
 
 
 @pytest.fixture(scope="module")
 def kernel():
     library = cpu_kernels.kernels()
-    if library is None and not CAN_BUILD:
-        pytest.skip("the kernels need an x86-64 CPU with AVX2 and a C compiler")
     assert library is not None, "the CPU supports the kernels and cc is present, yet they did not build"
     return library
 
 
+@needs_kernels
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("features", [(48, 80), (13, 7), (3, 1), (64, 1001), (3072, 8)])
 def test_kernel_linear_computes_what_linear_computes(kernel, bias, features):
@@ -44,6 +45,7 @@ def test_kernel_linear_computes_what_linear_computes(kernel, bias, features):
     torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
+@needs_kernels
 def test_each_row_is_bit_identical_whatever_else_is_in_the_batch(kernel):
     torch.manual_seed(0)
     layer = KernelLinear(nn.Linear(100, 37), kernel)  # tails in both dimensions
@@ -54,6 +56,7 @@ def test_each_row_is_bit_identical_whatever_else_is_in_the_batch(kernel):
             assert torch.equal(layer(x[:rows]), alone[:rows])
 
 
+@needs_kernels
 def test_kernel_model_matches_the_plain_model_with_a_kv_cache(kernel, variant):
     plain = make_model(variant)
     fast = copy.deepcopy(plain)
@@ -86,6 +89,7 @@ def test_kernel_model_matches_the_plain_model_with_a_kv_cache(kernel, variant):
                 torch.testing.assert_close(step[0], step[1], rtol=1e-5, atol=1e-5)
 
 
+@needs_kernels
 def test_runner_uses_the_kernel_on_cpu_unless_told_not_to(kernel):
     model = make_model("gpt2")
     expected = model.num_parameters()
@@ -101,6 +105,7 @@ def test_runner_uses_the_kernel_on_cpu_unless_told_not_to(kernel):
     assert not runner.cpu_kernels and plain.decode_attention is None
 
 
+@needs_kernels
 def test_bfloat16_weights_are_left_alone(kernel):
     model = make_model("llama-gqa").to(torch.bfloat16)
     assert use_cpu_kernels(model, kernel) == 0
@@ -113,6 +118,7 @@ def test_without_a_compiler_the_model_keeps_pytorch_layers(tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []  # no half-built library left behind
 
 
+@needs_kernels
 def test_a_built_library_is_reused_without_compiling_again(kernel, tmp_path):
     cpu_kernels.load(tmp_path)
     built = tmp_path / cpu_kernels.library_name()
@@ -131,6 +137,7 @@ def cache_views(batch: int, kv_heads: int, slots: int, head_dim: int) -> tuple[t
     return k[:batch, :, :slots], v[:batch, :, :slots]
 
 
+@needs_kernels
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 16), (4, 2, 8), (6, 1, 13), (12, 12, 64)])
 def test_decode_attention_computes_what_sdpa_computes(kernel, heads, kv_heads, head_dim):
     torch.manual_seed(0)
@@ -147,6 +154,7 @@ def test_decode_attention_computes_what_sdpa_computes(kernel, heads, kv_heads, h
     assert torch.equal(attend(q, k, v, mask), alone)  # bit-identical whatever else is in the batch
 
 
+@needs_kernels
 def test_decode_attention_leaves_other_shapes_to_sdpa(kernel):
     q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
     mask = torch.ones(2, 1, 3, 6, dtype=torch.bool)
