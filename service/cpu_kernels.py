@@ -123,6 +123,8 @@ class KernelLinear(nn.Module):
         self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (x.dtype == self.weight.dtype == torch.float32 and x.device.type == self.weight.device.type == "cpu"):
+            return F.linear(x, self.weight, self.bias)  # the model was moved or cast after the swap
         rows = x.reshape(-1, self.in_features).contiguous()  # (N, in)
         y = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)  # (N, out)
         if rows.shape[0]:
@@ -167,7 +169,8 @@ def applicable(model: nn.Module) -> bool:
 
 def use_cpu_kernels(model: nn.Module, library: CpuKernels | None = None) -> int:
     """Swaps every `nn.Linear` of a float32 CPU Transformer (inference only) for a `KernelLinear` and gives it
-    the decode attention kernel; returns how many layers it swapped, 0 where the kernels are unavailable."""
+    the decode attention kernel; returns how many linear layers run on the kernel (counting those swapped by
+    an earlier call), 0 where the kernels are unavailable."""
     library = library or kernels()
     if library is None or not applicable(model):
         return 0
@@ -176,7 +179,7 @@ def use_cpu_kernels(model: nn.Module, library: CpuKernels | None = None) -> int:
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear and child.weight.is_contiguous():
                 setattr(module, name, KernelLinear(child, library))
-                count += 1
+            count += isinstance(module.get_submodule(name), KernelLinear)
     model.decode_attention = DecodeAttention(library)
     return count
 

@@ -98,6 +98,7 @@ def test_runner_uses_the_kernel_on_cpu_unless_told_not_to(kernel):
     assert any(isinstance(m, KernelLinear) for m in model.modules())
 
     assert runner.cpu_kernels and model.decode_attention is not None
+    assert ModelRunner(model, max_batch_size=1, max_seq_len=32).cpu_kernels  # a second engine on the same model
 
     plain = make_model("gpt2")
     runner = ModelRunner(plain, max_batch_size=8, max_seq_len=32, cpu_kernels=False)
@@ -110,6 +111,9 @@ def test_bfloat16_weights_are_left_alone(kernel):
     model = make_model("llama-gqa").to(torch.bfloat16)
     assert use_cpu_kernels(model, kernel) == 0
     assert not any(isinstance(m, KernelLinear) for m in model.modules()) and model.decode_attention is None
+    layer = KernelLinear(nn.Linear(16, 8), kernel).to(torch.bfloat16)  # cast after the swap: PyTorch computes it
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
 def test_without_a_compiler_the_model_keeps_pytorch_layers(tmp_path, monkeypatch):
