@@ -5,7 +5,7 @@ similar lengths), then one decode forward over cache rows 0..m, where m is the h
 in that block that are not decoding this step (still prefilling) ride along as padding (position -1), so
 decode never gathers cache rows. On CUDA the decode forward is captured as CUDA graphs for a few bucketed
 batch sizes and replayed; on CPU float32 models run their linear layers and decode attention on our own kernels
-(service/cpu_kernels.py).
+(service/cpu_kernels.py), prompt passes (prefill, encoder, next-token distributions) on the prefill kernel.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from model.kv_cache import KVCache
 from model.model import Transformer
-from service.cpu_kernels import use_cpu_kernels
+from service.cpu_kernels import prefill_phase, use_cpu_kernels
 from service.scheduler import PrefillChunk
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class ModelRunner:
                 c.source_lengths[dst] = c.source_lengths[src]
 
     @torch.inference_mode()
+    @prefill_phase()
     def encode_sources(self, rows: list[int], sources: list[list[int]]) -> None:
         """Encoder pass for newly admitted encoder-decoder sequences: their cross-attention K/V, once."""
         longest = max(len(s) for s in sources)
@@ -95,6 +96,7 @@ class ModelRunner:
     # ---- forward passes ------------------------------------------------------------------------------
 
     @torch.inference_mode()
+    @prefill_phase()
     def prefill(self, chunks: list[PrefillChunk], token_ids: dict[str, list[int]]) -> dict[str, torch.Tensor]:
         """Runs prompt chunks into the cache; returns (V,) logits for each sequence whose prompt completed."""
         out: dict[str, torch.Tensor] = {}
@@ -135,6 +137,7 @@ class ModelRunner:
         return logits[self.tensor(rows)]
 
     @torch.inference_mode()
+    @prefill_phase()
     def last_token_logits(self, prompts: list[list[int]], sources: list[list[int]] | None = None) -> torch.Tensor:
         """(B, V) next-token logits after each prompt, in one cache-free forward that computes only the last
         position's logits."""

@@ -1,9 +1,10 @@
-"""Our CPU kernels (the CPU engine's default): linear layers and decode attention compute what PyTorch computes,
-each sequence's result is bit-identical whatever else is in the batch, parameters are untouched, and where the
-kernels can't be built the model keeps PyTorch's layers."""
+"""Our CPU kernels (the CPU engine's default): linear layers (decode and prefill) and decode attention compute what
+PyTorch computes, each sequence's result is bit-identical whatever else is in the batch, prompt passes take the
+prefill kernel, parameters are untouched, and where the kernels can't be built the model keeps PyTorch's layers."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 
@@ -15,8 +16,9 @@ from torch import nn
 
 from model.kv_cache import KVCache
 from service import cpu_kernels
-from service.cpu_kernels import DecodeAttention, KernelLinear, use_cpu_kernels
-from service.runner import ModelRunner
+from service.cpu_kernels import CpuKernels, DecodeAttention, KernelLinear, prefill_phase, use_cpu_kernels
+from service.runner import DecodeInput, ModelRunner
+from service.scheduler import PrefillChunk, Sequence
 
 CAN_BUILD = cpu_kernels.cpu_supported() and shutil.which("cc") is not None
 # like the CUDA tests: where the hardware (or the compiler) is missing there is nothing to run them on
@@ -30,30 +32,91 @@ def kernel():
     return library
 
 
+PHASES = {"decode": contextlib.nullcontext, "prefill": prefill_phase}
+
+
 @needs_kernels
+@pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("features", [(48, 80), (13, 7), (3, 1), (64, 1001), (3072, 8)])
-def test_kernel_linear_computes_what_linear_computes(kernel, bias, features):
+@pytest.mark.parametrize("features", [(48, 80), (13, 7), (3, 1), (64, 1001), (3072, 8), (300, 33)])
+def test_kernel_linear_computes_what_linear_computes(kernel, phase, bias, features):
     torch.manual_seed(0)
     linear = nn.Linear(*features, bias=bias)
     layer = KernelLinear(linear, kernel)
-    for rows in (0, 1, 2, 3, 4, 5, 47, 48, 49, 100):
-        x = torch.randn(rows, features[0])
-        expected = F.linear(x.double(), linear.weight.double(), None if linear.bias is None else linear.bias.double())
-        torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
-    x = torch.randn(2, 5, features[0])  # any leading shape
-    torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+    with PHASES[phase]():  # tails of every block: 8/256 inputs, 4/16 outputs, 3/6/48/192 rows
+        for rows in (0, 1, 2, 3, 4, 5, 6, 7, 47, 48, 49, 100, 193):
+            x = torch.randn(rows, features[0])
+            expected = F.linear(x.double(), linear.weight.double(),
+                                None if linear.bias is None else linear.bias.double())
+            torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
+        x = torch.randn(2, 5, features[0])  # any leading shape
+        torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
 @needs_kernels
-def test_each_row_is_bit_identical_whatever_else_is_in_the_batch(kernel):
+@pytest.mark.parametrize("phase", PHASES)
+def test_each_row_is_bit_identical_whatever_else_is_in_the_batch(kernel, phase):
     torch.manual_seed(0)
-    layer = KernelLinear(nn.Linear(100, 37), kernel)  # tails in both dimensions
-    x = torch.randn(50, 100)
-    with torch.inference_mode():
-        alone = torch.cat([layer(x[i:i + 1]) for i in range(50)])
-        for rows in (2, 3, 4, 7, 48, 49, 50):
+    layer = KernelLinear(nn.Linear(300, 37), kernel)  # tails in both dimensions
+    x = torch.randn(400, 300)
+    with torch.inference_mode(), PHASES[phase]():
+        alone = torch.cat([layer(x[i:i + 1]) for i in range(400)])
+        for rows in (2, 3, 4, 7, 48, 49, 50, 191, 192, 193, 400):
             assert torch.equal(layer(x[:rows]), alone[:rows])
+        assert torch.equal(layer(x[150:350]), alone[150:350])
+
+
+def counting(kernel: CpuKernels) -> tuple[CpuKernels, list[tuple[str, int]]]:
+    """The same kernels, recording (which linear kernel, output features) for every call."""
+    calls: list[tuple[str, int]] = []
+
+    def spy(name):
+        def call(*args):
+            calls.append((name, args[6]))
+            return getattr(kernel, name)(*args)
+        return call
+    return CpuKernels(spy("linear"), spy("prefill_linear"), kernel.decode_attention), calls
+
+
+@needs_kernels
+def test_prompt_passes_take_the_prefill_kernel_and_decode_steps_the_decode_kernel(kernel):
+    model = make_model("gpt2")
+    library, calls = counting(kernel)
+    use_cpu_kernels(model, library)
+    runner = ModelRunner(model, max_batch_size=2, max_seq_len=32, cpu_kernels=False)  # swapped already
+    vocab, layers = model.config.vocab_size, model.config.num_hidden_layers
+    seq = Sequence("a", prompt_len=5, max_new_tokens=4, row=0)
+    runner.prefill([PrefillChunk(seq, 0, 5)], {"a": [1, 2, 3, 4, 5]})
+    assert [name for name, out in calls if out != vocab] == ["prefill_linear"] * 6 * layers
+    assert [name for name, out in calls if out == vocab] == ["linear"]  # the output layer: one row per sequence
+    calls.clear()
+    runner.decode([DecodeInput(row=0, token=6, position=5)])
+    assert {name for name, _ in calls} == {"linear"} and len(calls) == 6 * layers + 1
+    calls.clear()
+    runner.last_token_logits([[1, 2, 3]])  # next-token distributions: a prompt pass
+    assert [name for name, out in calls if out != vocab] == ["prefill_linear"] * 6 * layers
+
+
+@needs_kernels
+def test_a_prompt_fills_the_cache_identically_alone_or_with_others(kernel):
+    torch.manual_seed(0)
+    model = make_model("llama-gqa")
+    prompts = {"a": list(range(3, 40)), "b": [7], "c": list(range(5, 20)), "d": list(range(9, 45))}
+
+    def prefill(names: list[str]) -> tuple[ModelRunner, dict[str, torch.Tensor], dict[str, int]]:
+        runner = ModelRunner(model, max_batch_size=4, max_seq_len=64)
+        rows = {name: row for row, name in enumerate(names)}
+        chunks = [PrefillChunk(Sequence(n, len(prompts[n]), 1, row=rows[n]), 0, len(prompts[n])) for n in names]
+        return runner, runner.prefill(chunks, prompts), rows
+
+    together, logits, rows = prefill(list(prompts))
+    assert together.cpu_kernels
+    for name, prompt in prompts.items():
+        alone, alone_logits, _ = prefill([name])
+        n, row = len(prompt), rows[name]
+        assert torch.equal(alone.cache.k[:, 0, :, :n], together.cache.k[:, row, :, :n])
+        assert torch.equal(alone.cache.v[:, 0, :, :n], together.cache.v[:, row, :, :n])
+        assert torch.equal(alone_logits[name], logits[name])
 
 
 @needs_kernels

@@ -9,6 +9,12 @@
  * the number of rows (8 lanes over the inner dimension, then the lanes, then the tail, then the bias), so a
  * sequence's logits do not depend on what else is in the batch.
  *
+ * lmserve_prefill_linear_f32: the same product for prompts, where hundreds of rows meet each weight matrix and
+ * the speed is arithmetic. It copies 16 weight rows at a time into a k-major panel that stays in L1 and
+ * multiplies it with 6 activation rows at a time (12 accumulators of 8 outputs), BLIS-style. Every output is
+ * summed over the inner dimension in order, then the bias, whatever the number of rows: a prompt's keys and
+ * values do not depend on which other prompts share its prefill.
+ *
  * lmserve_decode_attention_f32: one query per (sequence, head) against that sequence's cached keys and
  * values, read once, in place in the KV cache.
  *
@@ -83,6 +89,125 @@ void lmserve_linear_f32(const float *x, const float *w, const float *bias, float
         }
     }
 }
+
+/* ---- prefill: weight panels packed on the fly ---------------------------------------------------------- */
+
+#define PANEL 16      /* weight rows (outputs) per panel: two vectors of accumulators per activation row */
+#define TILE_ROWS 6   /* activation rows per micro-tile: 12 accumulators + 2 weights + 1 broadcast */
+#define K_BLOCK 256   /* inner-dimension block: a packed panel is 16 KiB and stays in L1 */
+#define ROW_BLOCK 192 /* activation rows per pass over the weights: 192 KiB per K_BLOCK, in L2 */
+
+/* out[k * PANEL + j] = rows[j][k] for k < 8, j < 8: an 8x8 transpose from row-major into k-major order */
+static inline void transpose8(const float *const rows[8], float *out) {
+    __m256 r[8], t[8], s[8];
+    for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_ps(rows[j]);
+    for (int j = 0; j < 8; j += 2) {
+        t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);
+        t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
+    }
+    for (int j = 0; j < 8; j += 4) {
+        s[j] = _mm256_shuffle_ps(t[j], t[j + 2], 0x44);
+        s[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], 0xEE);
+        s[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0x44);
+        s[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; j++) {
+        _mm256_store_ps(out + j * PANEL, _mm256_permute2f128_ps(s[j], s[j + 4], 0x20));
+        _mm256_store_ps(out + (j + 4) * PANEL, _mm256_permute2f128_ps(s[j], s[j + 4], 0x31));
+    }
+}
+
+/* panel[k][j] = w[o + j][k0 + k] for k < kn, j < PANEL; rows past `out` repeat the last row (never stored) */
+static void pack_panel(const float *w, int64_t in, int64_t out, int64_t o, int64_t k0, int64_t kn, float *panel) {
+    const float *rows[PANEL];
+    for (int j = 0; j < PANEL; j++) rows[j] = w + (o + j < out ? o + j : out - 1) * in + k0;
+    int64_t k = 0;
+    for (; k + 8 <= kn; k += 8) {
+        const float *lo[8], *hi[8];
+        for (int j = 0; j < 8; j++) lo[j] = rows[j] + k, hi[j] = rows[j + 8] + k;
+        transpose8(lo, panel + k * PANEL);
+        transpose8(hi, panel + k * PANEL + 8);
+    }
+    for (; k < kn; k++)
+        for (int j = 0; j < PANEL; j++) panel[k * PANEL + j] = rows[j][k];
+}
+
+/* y rows (R of them, row stride out) at PANEL outputs (the first `cols` valid) += panel . x over kn; the
+ * running sums live in y between K blocks (first: start from 0; last: add the bias). */
+static inline __attribute__((always_inline)) void panel_tile(const float *panel, const float *x, int64_t in,
+                                                             int64_t kn, float *y, int64_t out, int cols,
+                                                             const float *bias, int first, int last, const int R) {
+    static const int32_t lane[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const __m256i n = _mm256_set1_epi32(cols);
+    const __m256i m0 = _mm256_cmpgt_epi32(n, _mm256_loadu_si256((const __m256i *)lane));
+    const __m256i m1 = _mm256_cmpgt_epi32(n, _mm256_loadu_si256((const __m256i *)(lane + 8)));
+    const int full = cols == PANEL;  /* masked loads and stores only for the last panel: they are slow */
+    __m256 acc[TILE_ROWS][2];
+    for (int r = 0; r < R; r++) {
+        if (first) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        else if (full) acc[r][0] = _mm256_loadu_ps(y + r * out), acc[r][1] = _mm256_loadu_ps(y + r * out + 8);
+        else acc[r][0] = _mm256_maskload_ps(y + r * out, m0), acc[r][1] = _mm256_maskload_ps(y + r * out + 8, m1);
+    }
+    for (int64_t k = 0; k < kn; k++) {
+        const __m256 w0 = _mm256_load_ps(panel + k * PANEL), w1 = _mm256_load_ps(panel + k * PANEL + 8);
+        for (int r = 0; r < R; r++) {
+            const __m256 xr = _mm256_broadcast_ss(x + r * in + k);
+            acc[r][0] = _mm256_fmadd_ps(w0, xr, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(w1, xr, acc[r][1]);
+        }
+    }
+    if (last && bias) {
+        const __m256 b0 = _mm256_maskload_ps(bias, m0), b1 = _mm256_maskload_ps(bias + 8, m1);
+        for (int r = 0; r < R; r++) acc[r][0] = _mm256_add_ps(acc[r][0], b0), acc[r][1] = _mm256_add_ps(acc[r][1], b1);
+    }
+    for (int r = 0; r < R; r++) {
+        if (full) {
+            _mm256_storeu_ps(y + r * out, acc[r][0]);
+            _mm256_storeu_ps(y + r * out + 8, acc[r][1]);
+        } else {
+            _mm256_maskstore_ps(y + r * out, m0, acc[r][0]);
+            _mm256_maskstore_ps(y + r * out + 8, m1, acc[r][1]);
+        }
+    }
+}
+
+/* x (rows, in), w (out, in), bias (out) or NULL, y (rows, out); all contiguous. */
+void lmserve_prefill_linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t rows,
+                                int64_t in, int64_t out, int threads) {
+    const int64_t panels = (out + PANEL - 1) / PANEL;
+#pragma omp parallel num_threads(threads)
+    {
+        float panel[K_BLOCK * PANEL] __attribute__((aligned(32)));
+        for (int64_t m0 = 0; m0 < rows; m0 += ROW_BLOCK) {
+            const int64_t m1 = m0 + ROW_BLOCK < rows ? m0 + ROW_BLOCK : rows;
+#pragma omp for schedule(static) nowait
+            for (int64_t p = 0; p < panels; p++) {
+                const int64_t o = p * PANEL;
+                const int cols = out - o < PANEL ? (int)(out - o) : PANEL;
+                const float *b = bias ? bias + o : 0;
+                for (int64_t k0 = 0; k0 < in; k0 += K_BLOCK) {
+                    const int64_t kn = in - k0 < K_BLOCK ? in - k0 : K_BLOCK;
+                    const int first = k0 == 0, last = k0 + kn == in;
+                    pack_panel(w, in, out, o, k0, kn, panel);
+                    int64_t m = m0;
+                    for (; m + TILE_ROWS <= m1; m += TILE_ROWS)
+                        panel_tile(panel, x + m * in + k0, in, kn, y + m * out + o, out, cols, b, first, last, 6);
+                    const float *xm = x + m * in + k0;
+                    float *ym = y + m * out + o;
+                    switch (m1 - m) {  /* the last 1..5 rows, with as many accumulators */
+                        case 5: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 5); break;
+                        case 4: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 4); break;
+                        case 3: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 3); break;
+                        case 2: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 2); break;
+                        case 1: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 1); break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* ---- decode attention ---------------------------------------------------------------------------------- */
 
 /* sum(a[i] * b[i]) over n floats: 8 lanes, then the lanes, then the tail */
 static inline float dot(const float *a, const float *b, int64_t n) {
