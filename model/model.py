@@ -363,14 +363,19 @@ class Transformer(nn.Module):
 # ---- probabilities --------------------------------------------------------------------------------------
 
 
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature  # x / 1 == x: skip a pass over (B, V)
+
+
 def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Numerically stable log-softmax over the vocabulary, accumulated in fp32."""
-    return torch.log_softmax(logits.float() / temperature, dim=-1)
+    return torch.log_softmax(_scaled(logits, temperature), dim=-1)
 
 
 def probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """softmax(logits / T): the next-token distribution, in fp32."""
-    return torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.softmax(_scaled(logits, temperature), dim=-1)
 
 
 def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -31,13 +31,15 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from model.model import FeedForward
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ _pointer, _int64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "lmserve_linear_f32": [_pointer] * 4 + [_int64] * 3 + [ctypes.c_int],
     "lmserve_prefill_linear_f32": [_pointer] * 4 + [_int64] * 3 + [ctypes.c_int],
+    "lmserve_activation_f32": [_pointer] * 2 + [_int64, ctypes.c_int, ctypes.c_int],
     "lmserve_decode_attention_f32": [_pointer] * 5 + [_int64] * 8 + [ctypes.c_float, _pointer, ctypes.c_int],
 }
 
@@ -89,6 +92,7 @@ class CpuKernels:
 
     linear: ctypes._CFuncPtr
     prefill_linear: ctypes._CFuncPtr
+    activation: ctypes._CFuncPtr
     decode_attention: ctypes._CFuncPtr
 
     def __deepcopy__(self, memo: dict) -> CpuKernels:
@@ -113,7 +117,7 @@ def load(directory: Path, compiler: str | None = None) -> CpuKernels | None:
         function = getattr(library, name)
         function.argtypes, function.restype = argtypes, None
     return CpuKernels(library.lmserve_linear_f32, library.lmserve_prefill_linear_f32,
-                      library.lmserve_decode_attention_f32)
+                      library.lmserve_activation_f32, library.lmserve_decode_attention_f32)
 
 
 @functools.cache
@@ -167,6 +171,23 @@ class KernelLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class Activation:
+    """The feed-forward activation on the CPU kernel, in one vectorized pass: GELU's tanh form (3-5x faster than
+    PyTorch's here) or SwiGLU's SiLU. Other dtypes, layouts or devices go to PyTorch."""
+
+    KINDS = {"gelu_tanh": 0, "swiglu": 1}  # ModelConfig.activation -> the kernel's kind
+
+    def __init__(self, kernels: CpuKernels, activation: str, fallback: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.kernels, self.kind, self.fallback = kernels, self.KINDS[activation], fallback
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        if not (h.dtype == torch.float32 and h.device.type == "cpu" and h.is_contiguous()):
+            return self.fallback(h)
+        y = torch.empty_like(h)
+        self.kernels.activation(h.data_ptr(), y.data_ptr(), h.numel(), self.kind, torch.get_num_threads())
+        return y
+
+
 class DecodeAttention:
     """`F.scaled_dot_product_attention(q, k, v, attn_mask=mask)` for one query per sequence: q (B, H, 1, D),
     k/v (B, Hkv, S, D) (views into the KV cache are read in place), mask (B, 1, 1, S) bool. Other shapes,
@@ -198,8 +219,9 @@ def applicable(model: nn.Module) -> bool:
 
 
 def use_cpu_kernels(model: nn.Module, library: CpuKernels | None = None) -> int:
-    """Swaps every `nn.Linear` of a float32 CPU Transformer (inference only) for a `KernelLinear` and gives it
-    the decode attention kernel; returns how many linear layers run on the kernel (counting those swapped by
+    """Swaps every `nn.Linear` of a float32 CPU Transformer (inference only) for a `KernelLinear`, its
+    feed-forward activation (tanh-GELU or SiLU) for an `Activation`, and gives it the decode attention kernel;
+    returns how many linear layers run on the kernel (counting those swapped by
     an earlier call), 0 where the kernels are unavailable."""
     library = library or kernels()
     if library is None or not applicable(model):
@@ -211,6 +233,10 @@ def use_cpu_kernels(model: nn.Module, library: CpuKernels | None = None) -> int:
                 child = KernelLinear(child, library, per_token=child is not getattr(model, "lm_head", None))
                 setattr(module, name, child)
             count += isinstance(child, KernelLinear)
+    activation = getattr(getattr(model, "config", None), "activation", None)
+    for module in model.modules():
+        if isinstance(module, FeedForward) and activation in Activation.KINDS and not isinstance(module.act, Activation):
+            module.act = Activation(library, activation, module.act)
     model.decode_attention = DecodeAttention(library)
     return count
 

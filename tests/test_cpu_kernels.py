@@ -16,7 +16,9 @@ from torch import nn
 
 from model.kv_cache import KVCache
 from service import cpu_kernels
-from service.cpu_kernels import CpuKernels, DecodeAttention, KernelLinear, prefill_phase, use_cpu_kernels
+from model.model import FeedForward
+from service.cpu_kernels import (Activation, CpuKernels, DecodeAttention, KernelLinear, prefill_phase,
+                                 use_cpu_kernels)
 from service.runner import DecodeInput, ModelRunner
 from service.scheduler import PrefillChunk, Sequence
 
@@ -66,6 +68,21 @@ def test_each_row_is_bit_identical_whatever_else_is_in_the_batch(kernel, phase):
         assert torch.equal(layer(x[150:350]), alone[150:350])
 
 
+@needs_kernels
+@pytest.mark.parametrize("activation, reference", [
+    ("gelu_tanh", lambda h: F.gelu(h, approximate="tanh")), ("swiglu", F.silu)])
+def test_activation_computes_what_pytorch_computes(kernel, activation, reference):
+    torch.manual_seed(0)
+    act = Activation(kernel, activation, reference)
+    for n in (1, 7, 8, 13, 3072, 40000 + 3):  # tails, and enough to run on every thread
+        h = torch.randn(n) * 5
+        h[0] = -100.0 if n > 1 else 100.0  # the saturated ends
+        torch.testing.assert_close(act(h).double(), reference(h.double()), rtol=1e-6, atol=2e-6)
+    h = torch.randn(6, 10)
+    assert torch.equal(act(h.T), reference(h.T))  # a layout the kernel doesn't take: PyTorch computes it
+    assert torch.equal(act(h.double()), reference(h.double()))
+
+
 def counting(kernel: CpuKernels) -> tuple[CpuKernels, list[tuple[str, int]]]:
     """The same kernels, recording (which linear kernel, output features) for every call."""
     calls: list[tuple[str, int]] = []
@@ -75,7 +92,7 @@ def counting(kernel: CpuKernels) -> tuple[CpuKernels, list[tuple[str, int]]]:
             calls.append((name, args[6]))
             return getattr(kernel, name)(*args)
         return call
-    return CpuKernels(spy("linear"), spy("prefill_linear"), kernel.decode_attention), calls
+    return CpuKernels(spy("linear"), spy("prefill_linear"), kernel.activation, kernel.decode_attention), calls
 
 
 @needs_kernels
@@ -131,6 +148,8 @@ def test_kernel_model_matches_the_plain_model_with_a_kv_cache(kernel, variant):
     if plain.config.tie_word_embeddings:
         assert fast.lm_head.weight is fast.embed_tokens.weight
     assert isinstance(fast.decode_attention, DecodeAttention)
+    on_kernel = plain.config.activation in Activation.KINDS
+    assert all(isinstance(m.act, Activation) == on_kernel for m in fast.modules() if isinstance(m, FeedForward))
     twin = copy.deepcopy(fast)  # copies share the loaded library
     assert twin.lm_head.kernels is fast.lm_head.kernels and twin.lm_head.weight is not fast.lm_head.weight
 
