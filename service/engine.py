@@ -289,14 +289,17 @@ class Engine:
             tokens = {c.seq.request_id: self._active[c.seq.request_id].tokens for c in plan.prefill}
             for request_id, logits in runner.prefill(plan.prefill, tokens).items():
                 ready.append((self._active[request_id], logits))
+        decoded = None
         if plan.decode:
             actives = [self._active[s.request_id] for s in plan.decode]
-            logits = runner.decode([DecodeInput(a.seq.row, a.tokens[-1], a.seq.num_tokens - 1) for a in actives])
-            ready.extend(zip(actives, logits))
+            decoded = runner.decode([DecodeInput(a.seq.row, a.tokens[-1], a.seq.num_tokens - 1) for a in actives])
+            ready.extend(zip(actives, decoded))
         self.scheduler.step_done(plan)
         if not ready:
             return
-        result = sample(torch.stack([logits for _, logits in ready]), [a.row_state for a, _ in ready], self.generator)
+        # (R, V): decode-only steps (the usual ones) already have it in one tensor
+        logits = decoded if len(ready) == len(plan.decode) else torch.stack([logits for _, logits in ready])
+        result = sample(logits, [a.row_state for a, _ in ready], self.generator)
         for i, (active, _) in enumerate(ready):
             top = result.top_logprobs[i]
             self._accept(active, result.token_ids[i], TokenLogprob(result.token_ids[i], result.logprobs[i], top))
