@@ -1,17 +1,18 @@
 """Our float32 CPU kernels (service/kernels/cpu.c), built with the system C compiler on first use: linear
-layers for decoding and for prompts, and one-query attention.
+layers for decoding and for prompts, the feed-forward activation, and one-query attention.
 
 Decoding multiplies a few rows of activations (one per sequence) by every weight matrix, once per token, so
-its speed is how fast the weights stream from memory. On our 2-core EPYC this kernel reads them at 0.7-0.95 of
-what a plain pass over memory reaches, 1.1-1.25x faster than oneDNN's packed weights and 1.5-2.7x faster than
-PyTorch's `F.linear` (MKL) up to 32 rows; from 64 rows oneDNN's blocked layout wins (`python
-bench/cpu_kernels.py` measures all three). It also sums every output in the same order whatever
-the number of rows, so a sequence's logits are bit-identical alone or in a batch. Prompts (`prefill_phase`) run
-their linear layers on a second kernel made for hundreds of rows, which packs 16 weight rows at a time into
-a panel that stays in L1: 1.2-1.4x faster than the decode kernel there, and just as independent of the
-batch, so a prompt's keys and values are the same whichever prompts share its prefill. Decode attention (one query
-per sequence) reads each sequence's keys and values once, in place in the KV cache: 0.4 ms per layer for 32
-sequences of 65 tokens (GPT-2 small shape) against 1.0 ms for PyTorch's CPU SDPA, which is made for long queries.
+its speed is how fast the weights stream from memory. On our 2-core EPYC the decode kernel reads them at
+0.8-0.98 of what a plain pass over memory reaches, 1.1-1.8x faster than oneDNN's packed weights up to 8 rows
+(on a par at 32) and 1.7-3.6x faster than PyTorch's `F.linear` (MKL) up to 32 rows (`python
+bench/cpu_kernels.py` measures them all). Prompts
+(`prefill_phase`) run their linear layers on a second kernel made for hundreds of rows, which packs 16 weight
+rows at a time into a panel that stays in L1: 1.15-1.4x faster than the decode kernel from 64 rows, on a par
+with oneDNN. Both sum every output in a fixed order whatever the number of rows, so a sequence's numbers are
+bit-identical alone or in a batch; the kernel is chosen by phase, never by size. The activation kernel
+computes tanh-GELU or SiLU in one vectorized pass. Decode attention (one query per sequence) reads each
+sequence's keys and values once, in place in the KV cache: 0.4 ms per layer for 32 sequences of 65 tokens
+(GPT-2 small shape) against 1.0 ms for PyTorch's CPU SDPA, which is made for long queries.
 
 The compiled library is cached under `$LMSERVE_KERNEL_DIR` (default `~/.cache/lmserve/kernels`), named by a
 hash of the source and flags. Where it cannot be built or run (no compiler, no AVX2, not x86-64), the model
