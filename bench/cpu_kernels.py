@@ -72,7 +72,8 @@ def main() -> None:
             }
             t, p = times["lmserve"], times["prefill"]
             fastest = min(t, p)
-            print(f"| {rows} | {t * 1e3:.1f} | {p * 1e3:.1f} | {times['onednn'] * 1e3:.1f} | {times['mkl'] * 1e3:.1f} | "
+            print(f"| {rows} | {t * 1e3:.1f} | {p * 1e3:.1f} | {times['onednn'] * 1e3:.1f} | "
+                  f"{times['mkl'] * 1e3:.1f} | "
                   f"{weight_bytes / t / 1e9:.1f} | {flops_per_row * rows / t / 1e9:.0f} | "
                   f"{flops_per_row * rows / p / 1e9:.0f} | {times['onednn'] / fastest:.2f} | "
                   f"{times['mkl'] / fastest:.2f} |")

@@ -163,9 +163,8 @@ class KernelLinear(nn.Module):
         if rows.shape[0]:
             prefill = self.per_token and getattr(_phase, "prefill", False)
             kernel = self.kernels.prefill_linear if prefill else self.kernels.linear
-            kernel(rows.data_ptr(), self.weight.data_ptr(),
-                                None if self.bias is None else self.bias.data_ptr(), y.data_ptr(), rows.shape[0],
-                                self.in_features, self.out_features, torch.get_num_threads())
+            kernel(rows.data_ptr(), self.weight.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
+                   y.data_ptr(), rows.shape[0], self.in_features, self.out_features, torch.get_num_threads())
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -235,9 +234,10 @@ def use_cpu_kernels(model: nn.Module, library: CpuKernels | None = None) -> int:
                 setattr(module, name, child)
             count += isinstance(child, KernelLinear)
     activation = getattr(getattr(model, "config", None), "activation", None)
-    for module in model.modules():
-        if isinstance(module, FeedForward) and activation in Activation.KINDS and not isinstance(module.act, Activation):
-            module.act = Activation(library, activation, module.act)
+    if activation in Activation.KINDS:
+        for module in model.modules():
+            if isinstance(module, FeedForward) and not isinstance(module.act, Activation):
+                module.act = Activation(library, activation, module.act)
     model.decode_attention = DecodeAttention(library)
     return count
 

@@ -15,10 +15,9 @@ from conftest import make_model
 from torch import nn
 
 from model.kv_cache import KVCache
-from service import cpu_kernels
 from model.model import FeedForward
-from service.cpu_kernels import (Activation, CpuKernels, DecodeAttention, KernelLinear, prefill_phase,
-                                 use_cpu_kernels)
+from service import cpu_kernels
+from service.cpu_kernels import Activation, CpuKernels, DecodeAttention, KernelLinear, prefill_phase, use_cpu_kernels
 from service.runner import DecodeInput, ModelRunner
 from service.scheduler import PrefillChunk, Sequence
 

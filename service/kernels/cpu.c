@@ -161,7 +161,10 @@ static inline __attribute__((always_inline)) void panel_tile(const float *panel,
     }
     if (last && bias) {
         const __m256 b0 = _mm256_maskload_ps(bias, m0), b1 = _mm256_maskload_ps(bias + 8, m1);
-        for (int r = 0; r < R; r++) acc[r][0] = _mm256_add_ps(acc[r][0], b0), acc[r][1] = _mm256_add_ps(acc[r][1], b1);
+        for (int r = 0; r < R; r++) {
+            acc[r][0] = _mm256_add_ps(acc[r][0], b0);
+            acc[r][1] = _mm256_add_ps(acc[r][1], b1);
+        }
     }
     for (int r = 0; r < R; r++) {
         if (full) {
