@@ -50,17 +50,18 @@ def main() -> None:
     print("| rows | lmserve decode ms | lmserve prefill ms | oneDNN packed ms | F.linear ms | decode GB/s | "
           "decode GFLOP/s | prefill GFLOP/s | oneDNN / fastest lmserve | F.linear / fastest lmserve |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def run_ours(x: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        return [layer(x[layer.in_features]) for layer in ours]
+
+    def run_prefill(x: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        with prefill_phase():
+            return run_ours(x)
+
     with torch.inference_mode():
         for rows in args.rows:
             inputs = {n: torch.randn(rows, n) for n in (768, 3072)}
             packed = [torch.ops.mkldnn._reorder_linear_weight(linear.weight, rows) for linear in linears]
-            def run_ours(x):
-                return [layer(x[layer.in_features]) for layer in ours]
-
-            def run_prefill(x):
-                with prefill_phase():
-                    return run_ours(x)
-
             times = {
                 "lmserve": best_of(run_ours, inputs),
                 "prefill": best_of(run_prefill, inputs),
