@@ -1,4 +1,4 @@
-"""lmserve's CPU linear kernels (decode and prefill) vs oneDNN's packed weights vs PyTorch's F.linear (MKL),
+"""lmserve's CPU linear kernel (on its packed weights) vs oneDNN's packed weights vs PyTorch's F.linear (MKL),
 side by side.
 
     python bench/cpu_kernels.py                 # rows 1 2 4 8 32 64 128 512
@@ -6,8 +6,7 @@ side by side.
 
 Every weight matrix of a GPT-2-small-shaped model (12 layers of q, k, v, o, up, down, plus the 50257-row output
 layer: 498 MB of float32) times `rows` activation rows, best of 3 passes; reports ms per pass, GB/s of weights
-read and GFLOP/s of the decode kernel, and the prefill kernel's time (the engine uses it for prompt passes, whatever
-their size). Reports, never asserts.
+read and GFLOP/s. Reports, never asserts.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.cpu_kernels import KernelLinear, kernels, prefill_phase
+from service.cpu_kernels import KernelLinear, kernels
 
 SHAPES = [(768, 768)] * 4 + [(3072, 768), (768, 3072)]  # (out, in) per layer
 LAYERS, VOCAB = 12, 50257
@@ -47,16 +46,12 @@ def main() -> None:
     weight_bytes = sum(linear.weight.numel() * 4 for linear in linears)
     flops_per_row = 2 * weight_bytes / 4
     print(f"{torch.get_num_threads()} threads; {len(linears)} matrices, {weight_bytes / 1e6:.0f} MB of float32 weights")
-    print("| rows | lmserve decode ms | lmserve prefill ms | oneDNN packed ms | F.linear ms | decode GB/s | "
-          "decode GFLOP/s | prefill GFLOP/s | oneDNN / fastest lmserve | F.linear / fastest lmserve |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| rows | lmserve ms | oneDNN packed ms | F.linear ms | lmserve GB/s | lmserve GFLOP/s | "
+          "oneDNN / lmserve | F.linear / lmserve |")
+    print("|---|---|---|---|---|---|---|---|")
 
     def run_ours(x: dict[int, torch.Tensor]) -> list[torch.Tensor]:
         return [layer(x[layer.in_features]) for layer in ours]
-
-    def run_prefill(x: dict[int, torch.Tensor]) -> list[torch.Tensor]:
-        with prefill_phase():
-            return run_ours(x)
 
     with torch.inference_mode():
         for rows in args.rows:
@@ -64,21 +59,16 @@ def main() -> None:
             packed = [torch.ops.mkldnn._reorder_linear_weight(linear.weight, rows) for linear in linears]
             times = {
                 "lmserve": best_of(run_ours, inputs),
-                "prefill": best_of(run_prefill, inputs),
                 "onednn": best_of(lambda x, w: [torch.ops.mkldnn._linear_pointwise(
                     x[linear.in_features], weight, linear.bias, "none", [], "")
                     for linear, weight in zip(linears, w)], inputs, packed),
                 "mkl": best_of(lambda x: [F.linear(x[linear.in_features], linear.weight, linear.bias)
                                           for linear in linears], inputs),
             }
-            t, p = times["lmserve"], times["prefill"]
-            fastest = min(t, p)
-            print(f"| {rows} | {t * 1e3:.1f} | {p * 1e3:.1f} | {times['onednn'] * 1e3:.1f} | "
-                  f"{times['mkl'] * 1e3:.1f} | "
+            t = times["lmserve"]
+            print(f"| {rows} | {t * 1e3:.1f} | {times['onednn'] * 1e3:.1f} | {times['mkl'] * 1e3:.1f} | "
                   f"{weight_bytes / t / 1e9:.1f} | {flops_per_row * rows / t / 1e9:.0f} | "
-                  f"{flops_per_row * rows / p / 1e9:.0f} | {times['onednn'] / fastest:.2f} | "
-                  f"{times['mkl'] / fastest:.2f} |")
-
+                  f"{times['onednn'] / t:.2f} | {times['mkl'] / t:.2f} |")
 
 if __name__ == "__main__":
     main()

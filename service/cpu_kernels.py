@@ -1,18 +1,18 @@
 """Our float32 CPU kernels (service/kernels/cpu.c), built with the system C compiler on first use: linear
-layers for decoding and for prompts, the feed-forward activation, and one-query attention.
+layers, the feed-forward activation, and one-query attention.
 
 Decoding multiplies a few rows of activations (one per sequence) by every weight matrix, once per token, so
-its speed is how fast the weights stream from memory. On our 2-core EPYC the decode kernel reads them at
-0.8-0.98 of what a plain pass over memory reaches, 1.1-1.8x faster than oneDNN's packed weights up to 8 rows
-(on a par at 32) and 1.7-3.6x faster than PyTorch's `F.linear` (MKL) up to 32 rows (`python
-bench/cpu_kernels.py` measures them all). Prompts
-(`prefill_phase`) run their linear layers on a second kernel made for hundreds of rows, which packs 16 weight
-rows at a time into a panel that stays in L1: 1.15-1.4x faster than the decode kernel from 64 rows, on a par
-with oneDNN. Both sum every output in a fixed order whatever the number of rows, so a sequence's numbers are
-bit-identical alone or in a batch; the kernel is chosen by phase, never by size. The activation kernel
-computes tanh-GELU or SiLU in one vectorized pass. Decode attention (one query per sequence) reads each
-sequence's keys and values once, in place in the KV cache: 0.4 ms per layer for 32 sequences of 65 tokens
-(GPT-2 small shape) against 1.0 ms for PyTorch's CPU SDPA, which is made for long queries.
+its speed is how fast the weights stream from memory; prompts multiply hundreds of rows, and their speed is
+arithmetic. `KernelLinear` repacks each weight matrix once, when the model is swapped onto the kernels, into
+k-major panels of 16 outputs (the layout a register-tiled kernel reads in order), and releases the row-major
+original, so the weights take no more memory than before. One kernel then serves every pass: a single row
+streams 4 panels at a time, several rows run 6x16 register tiles. Every output is summed in one fixed order
+whatever the number of rows, so a sequence's numbers are bit-identical alone or in a batch, in a prompt
+pass or a decode step. `python bench/cpu_kernels.py` measures it against oneDNN and PyTorch's `F.linear`.
+
+The activation kernel computes tanh-GELU or SiLU in one vectorized pass. Decode attention (one query per
+sequence) reads each sequence's keys and values once, in place in the KV cache: 0.4 ms per layer for 32
+sequences of 65 tokens (GPT-2 small shape) against 1.0 ms for PyTorch's CPU SDPA, which is made for long queries.
 
 The compiled library is cached under `$LMSERVE_KERNEL_DIR` (default `~/.cache/lmserve/kernels`), named by a
 hash of the source and flags. Where it cannot be built or run (no compiler, no AVX2, not x86-64), the model
@@ -21,7 +21,6 @@ keeps PyTorch's layers and a log line says so.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -31,8 +30,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +47,6 @@ CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 _pointer, _int64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "lmserve_linear_f32": [_pointer] * 4 + [_int64] * 3 + [ctypes.c_int],
-    "lmserve_prefill_linear_f32": [_pointer] * 4 + [_int64] * 3 + [ctypes.c_int],
     "lmserve_activation_f32": [_pointer] * 2 + [_int64, ctypes.c_int, ctypes.c_int],
     "lmserve_decode_attention_f32": [_pointer] * 5 + [_int64] * 8 + [ctypes.c_float, _pointer, ctypes.c_int],
 }
@@ -92,7 +89,6 @@ class CpuKernels:
     """The loaded library's functions: process-wide, so copies of a model share them."""
 
     linear: ctypes._CFuncPtr
-    prefill_linear: ctypes._CFuncPtr
     activation: ctypes._CFuncPtr
     decode_attention: ctypes._CFuncPtr
 
@@ -117,8 +113,8 @@ def load(directory: Path, compiler: str | None = None) -> CpuKernels | None:
     for name, argtypes in _SIGNATURES.items():
         function = getattr(library, name)
         function.argtypes, function.restype = argtypes, None
-    return CpuKernels(library.lmserve_linear_f32, library.lmserve_prefill_linear_f32,
-                      library.lmserve_activation_f32, library.lmserve_decode_attention_f32)
+    return CpuKernels(library.lmserve_linear_f32, library.lmserve_activation_f32,
+                      library.lmserve_decode_attention_f32)
 
 
 @functools.cache
@@ -126,45 +122,49 @@ def kernels() -> CpuKernels | None:
     return load(kernel_dir())
 
 
-_phase = threading.local()  # per thread: each engine runs its passes in its own thread
+PANEL = 16  # outputs per packed panel (the kernel's PANEL)
 
 
-@contextlib.contextmanager
-def prefill_phase() -> Iterator[None]:
-    """Forward passes inside run over prompts (many tokens per sequence): their linear layers use the prefill
-    kernel. Which kernel a pass uses depends only on its phase, never on its size, so a sequence's numbers
-    are the same whatever else shares the pass."""
-    outer = getattr(_phase, "prefill", False)
-    _phase.prefill = True
-    try:
-        yield
-    finally:
-        _phase.prefill = outer
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """(out, in) row-major -> (ceil(out / 16), in, 16): panel p holds outputs 16p..16p+15 for each input in
+    turn; outputs past `out` are zeros."""
+    out, features = weight.shape
+    panels = -(-out // PANEL)
+    padded = F.pad(weight.detach(), (0, 0, 0, panels * PANEL - out))  # (panels * 16, in)
+    return padded.view(panels, PANEL, features).transpose(1, 2).contiguous()
+
+
+def unpack(packed: torch.Tensor, out: int) -> torch.Tensor:
+    """The (out, in) row-major matrix back from its panels (a copy)."""
+    return packed.transpose(1, 2).reshape(-1, packed.shape[1])[:out]
 
 
 class KernelLinear(nn.Module):
-    """`nn.Linear` for inference on the CPU kernels; it shares the original's weight and bias parameters (so a
-    tied output layer stays tied, and `state_dict` and parameter counts are unchanged). `per_token` layers
-    take the prefill kernel in `prefill_phase`; the output layer, which sees one row per sequence in every
-    pass, always takes the decode kernel."""
+    """`nn.Linear` for inference on the CPU kernel. The weight lives only in packed form (the `packed` buffer);
+    `weight` unpacks a copy for whoever asks (a layer cast or moved after the swap computes with it). The bias
+    stays the original parameter. A tied output layer packs its own copy of the embedding table, which the
+    embedding keeps."""
 
-    def __init__(self, linear: nn.Linear, kernels: CpuKernels, per_token: bool = True) -> None:
+    def __init__(self, linear: nn.Linear, kernels: CpuKernels) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
+        self.register_buffer("packed", pack(linear.weight), persistent=False)
+        self.bias = linear.bias
         self.kernels = kernels
-        self.per_token = per_token
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return unpack(self.packed, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (x.dtype == self.weight.dtype == torch.float32 and x.device.type == self.weight.device.type == "cpu"):
+        if not (x.dtype == self.packed.dtype == torch.float32 and x.device.type == self.packed.device.type == "cpu"):
             return F.linear(x, self.weight, self.bias)  # the model was moved or cast after the swap
         rows = x.reshape(-1, self.in_features).contiguous()  # (N, in)
         y = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)  # (N, out)
         if rows.shape[0]:
-            prefill = self.per_token and getattr(_phase, "prefill", False)
-            kernel = self.kernels.prefill_linear if prefill else self.kernels.linear
-            kernel(rows.data_ptr(), self.weight.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
-                   y.data_ptr(), rows.shape[0], self.in_features, self.out_features, torch.get_num_threads())
+            self.kernels.linear(rows.data_ptr(), self.packed.data_ptr(),
+                                None if self.bias is None else self.bias.data_ptr(), y.data_ptr(), rows.shape[0],
+                                self.in_features, self.out_features, torch.get_num_threads())
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -230,7 +230,7 @@ def use_cpu_kernels(model: nn.Module, library: CpuKernels | None = None) -> int:
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear and child.weight.is_contiguous():
-                child = KernelLinear(child, library, per_token=child is not getattr(model, "lm_head", None))
+                child = KernelLinear(child, library)
                 setattr(module, name, child)
             count += isinstance(child, KernelLinear)
     activation = getattr(getattr(model, "config", None), "activation", None)

@@ -4,8 +4,8 @@ One step = row moves (cache compaction), batched prefill chunks (right-padded, o
 similar lengths), then one decode forward over cache rows 0..m, where m is the highest decoding row: rows
 in that block that are not decoding this step (still prefilling) ride along as padding (position -1), so
 decode never gathers cache rows. On CUDA the decode forward is captured as CUDA graphs for a few bucketed
-batch sizes and replayed; on CPU float32 models run their linear layers and decode attention on our own kernels
-(service/cpu_kernels.py), prompt passes (prefill, encoder, next-token distributions) on the prefill kernel.
+batch sizes and replayed; on CPU float32 models run their linear layers, activations and decode attention on our
+own kernels (service/cpu_kernels.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from model.kv_cache import KVCache
 from model.model import Transformer
-from service.cpu_kernels import prefill_phase, use_cpu_kernels
+from service.cpu_kernels import use_cpu_kernels
 from service.scheduler import PrefillChunk
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,10 @@ class ModelRunner:
         self.device = model.device
         self.dtype = model.embed_tokens.weight.dtype
         self.config = model.config
+        self.num_parameters = model.num_parameters()  # before the CPU kernels repack (and release) the weights
         self.cpu_kernels = bool(cpu_kernels and use_cpu_kernels(model))
         if self.cpu_kernels:
             log.info("linear layers and decode attention on lmserve's CPU kernels")
-        self.num_parameters = model.num_parameters()
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.cache = KVCache(self.config, max_batch_size, max_seq_len, device=self.device, dtype=self.dtype,
                              max_source_len=max_source_len)
@@ -82,7 +82,6 @@ class ModelRunner:
                 c.source_lengths[dst] = c.source_lengths[src]
 
     @torch.inference_mode()
-    @prefill_phase()
     def encode_sources(self, rows: list[int], sources: list[list[int]]) -> None:
         """Encoder pass for newly admitted encoder-decoder sequences: their cross-attention K/V, once."""
         longest = max(len(s) for s in sources)
@@ -96,7 +95,6 @@ class ModelRunner:
     # ---- forward passes ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    @prefill_phase()
     def prefill(self, chunks: list[PrefillChunk], token_ids: dict[str, list[int]]) -> dict[str, torch.Tensor]:
         """Runs prompt chunks into the cache; returns (V,) logits for each sequence whose prompt completed."""
         out: dict[str, torch.Tensor] = {}
@@ -137,7 +135,6 @@ class ModelRunner:
         return logits[self.tensor(rows)]
 
     @torch.inference_mode()
-    @prefill_phase()
     def last_token_logits(self, prompts: list[list[int]], sources: list[list[int]] | None = None) -> torch.Tensor:
         """(B, V) next-token logits after each prompt, in one cache-free forward that computes only the last
         position's logits."""
@@ -158,24 +155,26 @@ class ModelRunner:
                           logits_at=self.tensor([len(p) - 1 for p in prompts]), **kwargs)
 
 
-# right-padding a prefill group may add at most this fraction of its real tokens: every padded slot costs a
-# full token of compute, while another forward pass costs little more than one more read of the weights
-MAX_PREFILL_PADDING = 0.25
+# what one more forward pass costs, in tokens of compute: on our 2-core CPU a padded token of GPT-2 small costs
+# ~1.3 ms, another pass (one more read of the output layer, ~5 ms of Python) ~15-25 ms
+PASS_COST_TOKENS = 16
 
 
 def _length_groups(chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
-    """Groups chunks of similar lengths (longest first) so right-padding stays within MAX_PREFILL_PADDING."""
+    """Splits the chunks, longest first, into right-padded groups that minimise the work: padded tokens (every
+    padding slot costs a full token of compute) plus PASS_COST_TOKENS per group. Exact, by dynamic programming
+    over the sorted lengths (a group of consecutive lengths is as wide as its first)."""
+    ordered = sorted(chunks, key=lambda c: c.start - c.end)  # longest first
+    lengths = [c.end - c.start for c in ordered]
+    n = len(ordered)
+    best = [0] + [0.0] * n  # best[j]: least cost of the first j chunks
+    split = [0] * (n + 1)  # where the last group of the first j chunks starts
+    for j in range(1, n + 1):
+        best[j], split[j] = min((best[i] + (j - i) * lengths[i] + PASS_COST_TOKENS, i) for i in range(j))
     groups: list[list[PrefillChunk]] = []
-    for c in sorted(chunks, key=lambda c: c.start - c.end):  # longest first
-        n = c.end - c.start
-        if groups:
-            group = groups[-1]
-            width = group[0].end - group[0].start
-            real = sum(g.end - g.start for g in group) + n
-            if (len(group) + 1) * width <= (1 + MAX_PREFILL_PADDING) * real:
-                group.append(c)
-                continue
-        groups.append([c])
+    while n:
+        groups.insert(0, ordered[split[n]:n])
+        n = split[n]
     return groups
 
 

@@ -1,10 +1,9 @@
-"""Our CPU kernels (the CPU engine's default): linear layers (decode and prefill) and decode attention compute what
-PyTorch computes, each sequence's result is bit-identical whatever else is in the batch, prompt passes take the
-prefill kernel, parameters are untouched, and where the kernels can't be built the model keeps PyTorch's layers."""
+"""Our CPU kernels (the CPU engine's default): linear layers on packed weights, activations and decode attention
+compute what PyTorch computes, each sequence's result is bit-identical whatever else is in the batch (prompt or
+decode), the weights are held once (packed), and where the kernels can't be built the model keeps PyTorch's layers."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import shutil
 
@@ -17,7 +16,7 @@ from torch import nn
 from model.kv_cache import KVCache
 from model.model import FeedForward
 from service import cpu_kernels
-from service.cpu_kernels import Activation, CpuKernels, DecodeAttention, KernelLinear, prefill_phase, use_cpu_kernels
+from service.cpu_kernels import Activation, CpuKernels, DecodeAttention, KernelLinear, pack, unpack, use_cpu_kernels
 from service.runner import DecodeInput, ModelRunner
 from service.scheduler import PrefillChunk, Sequence
 
@@ -33,34 +32,37 @@ def kernel():
     return library
 
 
-PHASES = {"decode": contextlib.nullcontext, "prefill": prefill_phase}
+def test_packing_keeps_every_weight():
+    w = torch.randn(37, 5)
+    packed = pack(w)
+    assert packed.shape == (3, 5, 16) and packed.is_contiguous()
+    assert torch.equal(packed[1, 4, 2], w[18, 4]) and torch.equal(packed[2, :, 5:], torch.zeros(5, 11))
+    assert torch.equal(unpack(packed, 37), w)
 
 
 @needs_kernels
-@pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("features", [(48, 80), (13, 7), (3, 1), (64, 1001), (3072, 8), (300, 33)])
-def test_kernel_linear_computes_what_linear_computes(kernel, phase, bias, features):
+def test_kernel_linear_computes_what_linear_computes(kernel, bias, features):
     torch.manual_seed(0)
     linear = nn.Linear(*features, bias=bias)
     layer = KernelLinear(linear, kernel)
-    with PHASES[phase]():  # tails of every block: 8/256 inputs, 4/16 outputs, 3/6/48/192 rows
-        for rows in (0, 1, 2, 3, 4, 5, 6, 7, 47, 48, 49, 100, 193):
-            x = torch.randn(rows, features[0])
-            expected = F.linear(x.double(), linear.weight.double(),
-                                None if linear.bias is None else linear.bias.double())
-            torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
-        x = torch.randn(2, 5, features[0])  # any leading shape
-        torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+    # tails of every block: 256 inputs, 16 outputs, 1/6/192 rows, tiles of every height
+    for rows in (0, 1, 2, 3, 4, 5, 6, 7, 11, 32, 47, 48, 49, 100, 193):
+        x = torch.randn(rows, features[0])
+        expected = F.linear(x.double(), linear.weight.double(),
+                            None if linear.bias is None else linear.bias.double())
+        torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 5, features[0])  # any leading shape
+    torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
 @needs_kernels
-@pytest.mark.parametrize("phase", PHASES)
-def test_each_row_is_bit_identical_whatever_else_is_in_the_batch(kernel, phase):
+def test_each_row_is_bit_identical_whatever_else_is_in_the_batch(kernel):
     torch.manual_seed(0)
     layer = KernelLinear(nn.Linear(300, 37), kernel)  # tails in both dimensions
     x = torch.randn(400, 300)
-    with torch.inference_mode(), PHASES[phase]():
+    with torch.inference_mode():
         alone = torch.cat([layer(x[i:i + 1]) for i in range(400)])
         for rows in (2, 3, 4, 7, 48, 49, 50, 191, 192, 193, 400):
             assert torch.equal(layer(x[:rows]), alone[:rows])
@@ -82,20 +84,18 @@ def test_activation_computes_what_pytorch_computes(kernel, activation, reference
     assert torch.equal(act(h.double()), reference(h.double()))
 
 
-def counting(kernel: CpuKernels) -> tuple[CpuKernels, list[tuple[str, int]]]:
-    """The same kernels, recording (which linear kernel, output features) for every call."""
-    calls: list[tuple[str, int]] = []
+def counting(kernel: CpuKernels) -> tuple[CpuKernels, list[tuple[int, int]]]:
+    """The same kernels, recording (rows, output features) for every linear-layer call."""
+    calls: list[tuple[int, int]] = []
 
-    def spy(name):
-        def call(*args):
-            calls.append((name, args[6]))
-            return getattr(kernel, name)(*args)
-        return call
-    return CpuKernels(spy("linear"), spy("prefill_linear"), kernel.activation, kernel.decode_attention), calls
+    def linear(*args):
+        calls.append((args[4], args[6]))
+        return kernel.linear(*args)
+    return CpuKernels(linear, kernel.activation, kernel.decode_attention), calls
 
 
 @needs_kernels
-def test_prompt_passes_take_the_prefill_kernel_and_decode_steps_the_decode_kernel(kernel):
+def test_prompt_passes_and_decode_steps_run_every_linear_layer_on_the_kernel(kernel):
     model = make_model("gpt2")
     library, calls = counting(kernel)
     use_cpu_kernels(model, library)
@@ -103,14 +103,14 @@ def test_prompt_passes_take_the_prefill_kernel_and_decode_steps_the_decode_kerne
     vocab, layers = model.config.vocab_size, model.config.num_hidden_layers
     seq = Sequence("a", prompt_len=5, max_new_tokens=4, row=0)
     runner.prefill([PrefillChunk(seq, 0, 5)], {"a": [1, 2, 3, 4, 5]})
-    assert [name for name, out in calls if out != vocab] == ["prefill_linear"] * 6 * layers
-    assert [name for name, out in calls if out == vocab] == ["linear"]  # the output layer: one row per sequence
+    assert [rows for rows, out in calls if out != vocab] == [5] * 6 * layers
+    assert [rows for rows, out in calls if out == vocab] == [1]  # only the last position is projected
     calls.clear()
     runner.decode([DecodeInput(row=0, token=6, position=5)])
-    assert {name for name, _ in calls} == {"linear"} and len(calls) == 6 * layers + 1
+    assert calls.count((1, vocab)) == 1 and len(calls) == 6 * layers + 1
     calls.clear()
-    runner.last_token_logits([[1, 2, 3]])  # next-token distributions: a prompt pass
-    assert [name for name, out in calls if out != vocab] == ["prefill_linear"] * 6 * layers
+    runner.last_token_logits([[1, 2, 3], [4]])  # next-token distributions: a padded prompt pass
+    assert [rows for rows, out in calls if out != vocab] == [6] * 6 * layers and calls[-1] == (2, vocab)
 
 
 @needs_kernels
@@ -142,15 +142,20 @@ def test_kernel_model_matches_the_plain_model_with_a_kv_cache(kernel, variant):
     layers = use_cpu_kernels(fast, kernel)
     assert layers == sum(isinstance(m, nn.Linear) for m in plain.modules()) > 0
     assert not any(type(m) is nn.Linear for m in fast.modules())
-    assert fast.num_parameters() == plain.num_parameters()  # shared parameters: nothing counted twice
-    assert fast.state_dict().keys() == plain.state_dict().keys()
-    if plain.config.tie_word_embeddings:
-        assert fast.lm_head.weight is fast.embed_tokens.weight
+    # each weight matrix is held once, packed (the row-major original is released); biases stay shared
+    linear_weights = sum(m.weight.numel() for m in plain.modules() if isinstance(m, nn.Linear))
+    packed = sum(m.packed.numel() for m in fast.modules() if isinstance(m, KernelLinear))
+    assert linear_weights <= packed < linear_weights * 1.1  # panels of 16 outputs: a few zeros of padding
+    assert fast.num_parameters() == plain.num_parameters() - linear_weights + (
+        plain.lm_head.weight.numel() if plain.config.tie_word_embeddings else 0)  # the embedding keeps its table
+    for (name, module), original in zip(fast.named_modules(), plain.modules()):
+        if isinstance(module, KernelLinear):
+            assert torch.equal(module.weight, original.weight), name
     assert isinstance(fast.decode_attention, DecodeAttention)
     on_kernel = plain.config.activation in Activation.KINDS
     assert all(isinstance(m.act, Activation) == on_kernel for m in fast.modules() if isinstance(m, FeedForward))
     twin = copy.deepcopy(fast)  # copies share the loaded library
-    assert twin.lm_head.kernels is fast.lm_head.kernels and twin.lm_head.weight is not fast.lm_head.weight
+    assert twin.lm_head.kernels is fast.lm_head.kernels and twin.lm_head.packed is not fast.lm_head.packed
 
     config = plain.config
     ids = torch.randint(0, config.vocab_size, (3, 12))

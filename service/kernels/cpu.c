@@ -1,19 +1,16 @@
-/* lmserve's float32 CPU kernels for decoding (AVX2 + FMA, OpenMP), loaded by service/cpu_kernels.py.
+/* lmserve's float32 CPU kernels (AVX2 + FMA, OpenMP), loaded by service/cpu_kernels.py.
  *
- * lmserve_linear_f32: y = x @ w^T + bias, where a few rows of activations (one per sequence) meet every weight
- * matrix once per token, and the speed is how fast the weights stream from memory.
- *
- * Each OpenMP thread takes blocks of 4 weight rows and multiplies them with the activation rows 3 at a time
- * (12 accumulators + 3 inputs + 1 weight = the 16 AVX registers), so a weight block is read from memory once
- * and reused from L1 for every activation row. Every output element is summed in the same order whatever
- * the number of rows (8 lanes over the inner dimension, then the lanes, then the tail, then the bias), so a
- * sequence's logits do not depend on what else is in the batch.
- *
- * lmserve_prefill_linear_f32: the same product for prompts, where hundreds of rows meet each weight matrix and
- * the speed is arithmetic. It copies 16 weight rows at a time into a k-major panel that stays in L1 and
- * multiplies it with 6 activation rows at a time (12 accumulators of 8 outputs), BLIS-style. Every output is
- * summed over the inner dimension in order, then the bias, whatever the number of rows: a prompt's keys and
- * values do not depend on which other prompts share its prefill.
+ * lmserve_linear_f32: y = x @ w^T + bias on weights packed once, at load time, into k-major panels of 16
+ * outputs: panel p holds w[16p .. 16p+15][k] for every k as 16 consecutive floats (rows past `out` are zeros).
+ * One kernel serves every pass, from a single decoding sequence to a prompt of hundreds of tokens:
+ * - several activation rows (2 and up): BLIS-style micro-tiles of up to 6 rows x 16 outputs (12 accumulators +
+ *   2 weight vectors + 1 broadcast = 15 of the 16 AVX registers), the inner dimension in blocks of 256 so a
+ *   block of a panel (16 KiB) stays in L1 for every tile, up to 192 rows per pass over the weights so they
+ *   stay in L2. The rows are split into tiles of near-equal height (32 rows: 6+6+5+5+5+5, not 6x5+2).
+ * - one row (single-stream decoding, where the speed is how fast the weights stream from memory): 4 panels at
+ *   a time, over the whole inner dimension, for 8 independent accumulator chains reading 4 memory streams.
+ * Every output is summed over the inner dimension in order with one FMA chain, then the bias, whatever the
+ * tile, so a sequence's numbers are bit-identical alone or in a batch of any size, prompt or decode.
  *
  * lmserve_activation_f32: GELU (tanh form) or SiLU in one vectorized pass.
  *
@@ -28,185 +25,140 @@
 #include <stdint.h>
 #include <string.h>
 
-/* The lane sums of four accumulators (one per weight row) as one vector: [sum(a0), sum(a1), sum(a2), sum(a3)]. */
+/* The lane sums of four accumulators as one vector: [sum(a0), sum(a1), sum(a2), sum(a3)]. */
 static inline __m128 lane_sums(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
     __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
     return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
-/* R weight rows (stride in) times C activation rows (stride in) into y (row stride out); R <= 4, C <= 3 are
- * constants once inlined, so the accumulators live in registers. */
-static inline __attribute__((always_inline)) void tile(const float *w, const float *x, const float *bias,
-                                                       float *y, int64_t in, int64_t out, const int R,
-                                                       const int C) {
-    __m256 acc[4][3];
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= in; i += 8) {
-        __m256 xv[3];
-        for (int c = 0; c < C; c++) xv[c] = _mm256_loadu_ps(x + c * in + i);
-        for (int r = 0; r < R; r++) {
-            __m256 wv = _mm256_loadu_ps(w + r * in + i);
-            for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(wv, xv[c], acc[r][c]);
-        }
-    }
-    for (int r = R; r < 4; r++)
-        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();  /* absent rows: sums of zeros */
-    for (int c = 0; c < C; c++) {
-        float sums[4];
-        _mm_storeu_ps(sums, lane_sums(acc[0][c], acc[1][c], acc[2][c], acc[3][c]));
-        for (int r = 0; r < R; r++) {
-            float s = sums[r];
-            for (int64_t j = i; j < in; j++) s += w[r * in + j] * x[c * in + j];
-            y[c * out + r] = bias ? s + bias[r] : s;
-        }
-    }
-}
+/* ---- linear layers on packed weights -------------------------------------------------------------------- */
 
-/* Activation rows per pass over the weights: 48 rows of 768..4096 floats (144..768 KiB) stay in L2 while
- * every weight block meets them. Decoding batches fit in one pass, reading each weight once. */
-#define ROW_CHUNK 48
-
-/* x (rows, in), w (out, in), bias (out) or NULL, y (rows, out); all contiguous. */
-void lmserve_linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t rows, int64_t in,
-                        int64_t out, int threads) {
-    const int64_t blocks = (out + 3) / 4;
-#pragma omp parallel num_threads(threads)
-    for (int64_t chunk = 0; chunk < rows; chunk += ROW_CHUNK) {
-        const int64_t end = chunk + ROW_CHUNK < rows ? chunk + ROW_CHUNK : rows;
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; b++) {
-            const int64_t o = 4 * b;
-            const float *wb = w + o * in, *bb = bias ? bias + o : 0;
-            if (o + 4 <= out) {
-                int64_t m = chunk;
-                for (; m + 3 <= end; m += 3) tile(wb, x + m * in, bb, y + m * out + o, in, out, 4, 3);
-                if (end - m == 2) tile(wb, x + m * in, bb, y + m * out + o, in, out, 4, 2);
-                if (end - m == 1) tile(wb, x + m * in, bb, y + m * out + o, in, out, 4, 1);
-            } else { /* the last 1..3 weight rows */
-                for (int64_t r = o; r < out; r++)
-                    for (int64_t m = chunk; m < end; m++)
-                        tile(w + r * in, x + m * in, bias ? bias + r : 0, y + m * out + r, in, out, 1, 1);
-            }
-        }
-    }
-}
-
-/* ---- prefill: weight panels packed on the fly ---------------------------------------------------------- */
-
-#define PANEL 16      /* weight rows (outputs) per panel: two vectors of accumulators per activation row */
-#define TILE_ROWS 6   /* activation rows per micro-tile: 12 accumulators + 2 weights + 1 broadcast */
-#define K_BLOCK 256   /* inner-dimension block: a packed panel is 16 KiB and stays in L1 */
+#define PANEL 16      /* outputs per panel: two vectors of accumulators per activation row */
+#define TILE_ROWS 6   /* most activation rows per micro-tile */
+#define K_BLOCK 256   /* inner-dimension block: 16 KiB of a panel, in L1 */
 #define ROW_BLOCK 192 /* activation rows per pass over the weights: 192 KiB per K_BLOCK, in L2 */
+#define WIDE 4        /* panels per tile for a single activation row */
 
-/* out[k * PANEL + j] = rows[j][k] for k < 8, j < 8: an 8x8 transpose from row-major into k-major order */
-static inline void transpose8(const float *const rows[8], float *out) {
-    __m256 r[8], t[8], s[8];
-    for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_ps(rows[j]);
-    for (int j = 0; j < 8; j += 2) {
-        t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);
-        t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
+/* Lane masks for the first `cols` of a panel's 16 outputs (masked loads and stores only for the last panel:
+ * they are slow). */
+static inline void panel_masks(int cols, __m256i *m0, __m256i *m1) {
+    static const int32_t lane[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const __m256i n = _mm256_set1_epi32(cols);
+    *m0 = _mm256_cmpgt_epi32(n, _mm256_loadu_si256((const __m256i *)lane));
+    *m1 = _mm256_cmpgt_epi32(n, _mm256_loadu_si256((const __m256i *)(lane + 8)));
+}
+
+/* Stores one row's 16 outputs of a panel, the bias added (when there is one, after the whole sum). */
+static inline void store_panel(float *y, __m256 a0, __m256 a1, const float *bias, int cols) {
+    __m256i m0, m1;
+    panel_masks(cols, &m0, &m1);
+    if (bias) {
+        a0 = _mm256_add_ps(a0, _mm256_maskload_ps(bias, m0));
+        a1 = _mm256_add_ps(a1, _mm256_maskload_ps(bias + 8, m1));
     }
-    for (int j = 0; j < 8; j += 4) {
-        s[j] = _mm256_shuffle_ps(t[j], t[j + 2], 0x44);
-        s[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], 0xEE);
-        s[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0x44);
-        s[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0xEE);
-    }
-    for (int j = 0; j < 4; j++) {
-        _mm256_store_ps(out + j * PANEL, _mm256_permute2f128_ps(s[j], s[j + 4], 0x20));
-        _mm256_store_ps(out + (j + 4) * PANEL, _mm256_permute2f128_ps(s[j], s[j + 4], 0x31));
+    if (cols == PANEL) {
+        _mm256_storeu_ps(y, a0);
+        _mm256_storeu_ps(y + 8, a1);
+    } else {
+        _mm256_maskstore_ps(y, m0, a0);
+        _mm256_maskstore_ps(y + 8, m1, a1);
     }
 }
 
-/* panel[k][j] = w[o + j][k0 + k] for k < kn, j < PANEL; rows past `out` repeat the last row (never stored) */
-static void pack_panel(const float *w, int64_t in, int64_t out, int64_t o, int64_t k0, int64_t kn, float *panel) {
-    const float *rows[PANEL];
-    for (int j = 0; j < PANEL; j++) rows[j] = w + (o + j < out ? o + j : out - 1) * in + k0;
-    int64_t k = 0;
-    for (; k + 8 <= kn; k += 8) {
-        const float *lo[8], *hi[8];
-        for (int j = 0; j < 8; j++) lo[j] = rows[j] + k, hi[j] = rows[j + 8] + k;
-        transpose8(lo, panel + k * PANEL);
-        transpose8(hi, panel + k * PANEL + 8);
-    }
-    for (; k < kn; k++)
-        for (int j = 0; j < PANEL; j++) panel[k * PANEL + j] = rows[j][k];
-}
-
-/* y rows (R of them, row stride out) at PANEL outputs (the first `cols` valid) += panel . x over kn; the
- * running sums live in y between K blocks (first: start from 0; last: add the bias). */
+/* R activation rows (row stride in) times one panel block of kn inner steps into y (row stride out); the
+ * running sums live in y between K blocks (first block: start from 0; last: add the bias). R is a constant
+ * once inlined, so the accumulators live in registers. */
 static inline __attribute__((always_inline)) void panel_tile(const float *panel, const float *x, int64_t in,
                                                              int64_t kn, float *y, int64_t out, int cols,
                                                              const float *bias, int first, int last, const int R) {
-    static const int32_t lane[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    const __m256i n = _mm256_set1_epi32(cols);
-    const __m256i m0 = _mm256_cmpgt_epi32(n, _mm256_loadu_si256((const __m256i *)lane));
-    const __m256i m1 = _mm256_cmpgt_epi32(n, _mm256_loadu_si256((const __m256i *)(lane + 8)));
-    const int full = cols == PANEL;  /* masked loads and stores only for the last panel: they are slow */
+    __m256i m0, m1;
+    panel_masks(cols, &m0, &m1);
     __m256 acc[TILE_ROWS][2];
     for (int r = 0; r < R; r++) {
         if (first) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-        else if (full) acc[r][0] = _mm256_loadu_ps(y + r * out), acc[r][1] = _mm256_loadu_ps(y + r * out + 8);
+        else if (cols == PANEL) acc[r][0] = _mm256_loadu_ps(y + r * out), acc[r][1] = _mm256_loadu_ps(y + r * out + 8);
         else acc[r][0] = _mm256_maskload_ps(y + r * out, m0), acc[r][1] = _mm256_maskload_ps(y + r * out + 8, m1);
     }
     for (int64_t k = 0; k < kn; k++) {
-        const __m256 w0 = _mm256_load_ps(panel + k * PANEL), w1 = _mm256_load_ps(panel + k * PANEL + 8);
+        const __m256 w0 = _mm256_loadu_ps(panel + k * PANEL), w1 = _mm256_loadu_ps(panel + k * PANEL + 8);
         for (int r = 0; r < R; r++) {
             const __m256 xr = _mm256_broadcast_ss(x + r * in + k);
             acc[r][0] = _mm256_fmadd_ps(w0, xr, acc[r][0]);
             acc[r][1] = _mm256_fmadd_ps(w1, xr, acc[r][1]);
         }
     }
-    if (last && bias) {
-        const __m256 b0 = _mm256_maskload_ps(bias, m0), b1 = _mm256_maskload_ps(bias + 8, m1);
-        for (int r = 0; r < R; r++) {
-            acc[r][0] = _mm256_add_ps(acc[r][0], b0);
-            acc[r][1] = _mm256_add_ps(acc[r][1], b1);
+    for (int r = 0; r < R; r++) store_panel(y + r * out, acc[r][0], acc[r][1], last ? bias : 0, cols);
+}
+
+/* One activation row times G consecutive panels over the whole inner dimension; outputs from `o`. */
+static inline __attribute__((always_inline)) void wide_tile(const float *panels, const float *x, int64_t in,
+                                                            float *y, int64_t out, int64_t o, const float *bias,
+                                                            const int G) {
+    __m256 acc[WIDE][2];
+    for (int g = 0; g < G; g++) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < in; k++) {
+        const __m256 xk = _mm256_broadcast_ss(x + k);
+        for (int g = 0; g < G; g++) {
+            const float *w = panels + (g * in + k) * PANEL;
+            acc[g][0] = _mm256_fmadd_ps(_mm256_loadu_ps(w), xk, acc[g][0]);
+            acc[g][1] = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8), xk, acc[g][1]);
         }
     }
-    for (int r = 0; r < R; r++) {
-        if (full) {
-            _mm256_storeu_ps(y + r * out, acc[r][0]);
-            _mm256_storeu_ps(y + r * out + 8, acc[r][1]);
+    for (int g = 0; g < G; g++) {
+        const int64_t og = o + g * PANEL;
+        const int cols = out - og < PANEL ? (int)(out - og) : PANEL;
+        store_panel(y + og, acc[g][0], acc[g][1], bias ? bias + og : 0, cols);
+    }
+}
+
+static void single_row(const float *x, const float *w, const float *bias, float *y, int64_t in, int64_t out,
+                       int threads) {
+    const int64_t panels = (out + PANEL - 1) / PANEL, groups = (panels + WIDE - 1) / WIDE;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t p = g * WIDE;
+        if (p + WIDE <= panels) {
+            wide_tile(w + p * in * PANEL, x, in, y, out, p * PANEL, bias, WIDE);
         } else {
-            _mm256_maskstore_ps(y + r * out, m0, acc[r][0]);
-            _mm256_maskstore_ps(y + r * out + 8, m1, acc[r][1]);
+            for (int64_t q = p; q < panels; q++) wide_tile(w + q * in * PANEL, x, in, y, out, q * PANEL, bias, 1);
         }
     }
 }
 
-/* x (rows, in), w (out, in), bias (out) or NULL, y (rows, out); all contiguous. */
-void lmserve_prefill_linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t rows,
-                                int64_t in, int64_t out, int threads) {
+/* x (rows, in) contiguous; w packed (ceil(out / 16), in, 16); bias (out) or NULL; y (rows, out). */
+void lmserve_linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t rows, int64_t in,
+                        int64_t out, int threads) {
+    if (rows == 1) {
+        single_row(x, w, bias, y, in, out, threads);
+        return;
+    }
     const int64_t panels = (out + PANEL - 1) / PANEL;
 #pragma omp parallel num_threads(threads)
-    {
-        float panel[K_BLOCK * PANEL] __attribute__((aligned(32)));
-        for (int64_t m0 = 0; m0 < rows; m0 += ROW_BLOCK) {
-            const int64_t m1 = m0 + ROW_BLOCK < rows ? m0 + ROW_BLOCK : rows;
+    for (int64_t m0 = 0; m0 < rows; m0 += ROW_BLOCK) {
+        const int64_t m1 = m0 + ROW_BLOCK < rows ? m0 + ROW_BLOCK : rows;
 #pragma omp for schedule(static) nowait
-            for (int64_t p = 0; p < panels; p++) {
-                const int64_t o = p * PANEL;
-                const int cols = out - o < PANEL ? (int)(out - o) : PANEL;
-                const float *b = bias ? bias + o : 0;
-                for (int64_t k0 = 0; k0 < in; k0 += K_BLOCK) {
-                    const int64_t kn = in - k0 < K_BLOCK ? in - k0 : K_BLOCK;
-                    const int first = k0 == 0, last = k0 + kn == in;
-                    pack_panel(w, in, out, o, k0, kn, panel);
-                    int64_t m = m0;
-                    for (; m + TILE_ROWS <= m1; m += TILE_ROWS)
-                        panel_tile(panel, x + m * in + k0, in, kn, y + m * out + o, out, cols, b, first, last, 6);
+        for (int64_t p = 0; p < panels; p++) {
+            const int64_t o = p * PANEL;
+            const int cols = out - o < PANEL ? (int)(out - o) : PANEL;
+            const float *b = bias ? bias + o : 0;
+            for (int64_t k0 = 0; k0 < in; k0 += K_BLOCK) {
+                const int64_t kn = in - k0 < K_BLOCK ? in - k0 : K_BLOCK;
+                const int first = k0 == 0, last = k0 + kn == in;
+                const float *panel = w + (p * in + k0) * PANEL;
+                for (int64_t m = m0; m < m1;) {
+                    const int64_t left = m1 - m, tiles = (left + TILE_ROWS - 1) / TILE_ROWS;
+                    const int height = (int)((left + tiles - 1) / tiles);  /* near-equal tiles */
                     const float *xm = x + m * in + k0;
                     float *ym = y + m * out + o;
-                    switch (m1 - m) {  /* the last 1..5 rows, with as many accumulators */
+                    switch (height) {
+                        case 6: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 6); break;
                         case 5: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 5); break;
                         case 4: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 4); break;
                         case 3: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 3); break;
                         case 2: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 2); break;
-                        case 1: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 1); break;
+                        default: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 1); break;
                     }
+                    m += height;
                 }
             }
         }
