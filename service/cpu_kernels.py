@@ -157,14 +157,15 @@ class KernelLinear(nn.Module):
         return unpack(self.packed, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (x.dtype == self.packed.dtype == torch.float32 and x.device.type == self.packed.device.type == "cpu"):
-            return F.linear(x, self.weight, self.bias)  # the model was moved or cast after the swap
+        packed, bias = self.packed, self.bias  # (a module's attribute lookups cost a microsecond each)
+        if not (x.dtype is packed.dtype is torch.float32 and x.is_cpu and packed.is_cpu):
+            return F.linear(x, self.weight, bias)  # the model was moved or cast after the swap
         rows = x.reshape(-1, self.in_features).contiguous()  # (N, in)
-        y = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)  # (N, out)
-        if rows.shape[0]:
-            self.kernels.linear(rows.data_ptr(), self.packed.data_ptr(),
-                                None if self.bias is None else self.bias.data_ptr(), y.data_ptr(), rows.shape[0],
-                                self.in_features, self.out_features, torch.get_num_threads())
+        n = rows.shape[0]
+        y = torch.empty(n, self.out_features)  # (N, out)
+        if n:
+            self.kernels.linear(rows.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(),
+                                y.data_ptr(), n, self.in_features, self.out_features, torch.get_num_threads())
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
