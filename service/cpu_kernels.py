@@ -5,7 +5,8 @@ Decoding multiplies a few rows of activations (one per sequence) by every weight
 its speed is how fast the weights stream from memory; prompts multiply hundreds of rows, and their speed is
 arithmetic. `KernelLinear` repacks each weight matrix once, when the model is swapped onto the kernels, into
 k-major panels of 16 outputs (the layout a register-tiled kernel reads in order), and releases the row-major
-original, so the weights take no more memory than before. One kernel then serves every pass: a single row
+original, so the weights take no more memory than before (a tied output layer adds its packed copy of the
+embedding table, which the embedding keeps). One kernel then serves every pass: a single row
 streams 4 panels at a time, several rows run 6x16 register tiles. Every output is summed in one fixed order
 whatever the number of rows, so a sequence's numbers are bit-identical alone or in a batch, in a prompt
 pass or a decode step. `python bench/cpu_kernels.py` measures it against oneDNN and PyTorch's `F.linear`.
