@@ -221,10 +221,11 @@ def applicable(model: nn.Module) -> bool:
 
 
 def use_cpu_kernels(model: nn.Module, library: CpuKernels | None = None) -> int:
-    """Swaps every `nn.Linear` of a float32 CPU Transformer (inference only) for a `KernelLinear`, its
-    feed-forward activation (tanh-GELU or SiLU) for an `Activation`, and gives it the decode attention kernel;
-    returns how many linear layers run on the kernel (counting those swapped by
-    an earlier call), 0 where the kernels are unavailable."""
+    """Swaps every `nn.Linear` of a float32 CPU Transformer for a `KernelLinear` (its weight repacked, the
+    original released: inference only, and `state_dict` no longer holds the linear weights), its feed-forward
+    activation (tanh-GELU or SiLU) for an `Activation`, and gives it the decode attention kernel; returns how
+    many linear layers run on the kernel (counting those swapped by an earlier call), 0 where the kernels are
+    unavailable."""
     library = library or kernels()
     if library is None or not applicable(model):
         return 0
