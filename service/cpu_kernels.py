@@ -220,6 +220,14 @@ def applicable(model: nn.Module) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
+def release_free_memory() -> None:
+    """Hands memory that was freed back to the OS where the C library can (glibc's `malloc_trim`): glibc keeps the
+    row-major weights released by repacking in its heap, so the process would go on counting them."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 def use_cpu_kernels(model: nn.Module, library: CpuKernels | None = None) -> int:
     """Swaps every `nn.Linear` of a float32 CPU Transformer for a `KernelLinear` (its weight repacked, the
     original released: inference only, and `state_dict` no longer holds the linear weights), its feed-forward
@@ -230,7 +238,9 @@ def use_cpu_kernels(model: nn.Module, library: CpuKernels | None = None) -> int:
     if library is None or not applicable(model):
         return 0
     count = 0
-    for module in list(model.modules()):
+    # the parents only: holding every module would keep each original weight alive until the end
+    parents = [m for m in model.modules() if any(isinstance(c, (nn.Linear, KernelLinear)) for c in m.children())]
+    for module in parents:
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear and child.weight.is_contiguous():
                 child = KernelLinear(child, library)
@@ -242,6 +252,7 @@ def use_cpu_kernels(model: nn.Module, library: CpuKernels | None = None) -> int:
             if isinstance(module, FeedForward) and not isinstance(module.act, Activation):
                 module.act = Activation(library, activation, module.act)
     model.decode_attention = DecodeAttention(library)
+    release_free_memory()
     return count
 
 
