@@ -12,6 +12,8 @@ element, plus, for encoder-decoder models, the same again per *source* token for
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from model.config import ModelConfig
@@ -51,6 +53,9 @@ class KVCache:
             self.cross_k = torch.zeros(cross_shape, device=device, dtype=dtype)
             self.cross_v = torch.zeros(cross_shape, device=device, dtype=dtype)
             self.source_lengths = torch.ones(batch_size, device=device, dtype=torch.long)
+        # write_rows(k_layer, v_layer, index, k, v) -> bool: a faster scatter an engine may give (the CPU kernels'
+        # CacheWriter); False, or None, means index_put_
+        self.write_rows: Callable[..., bool] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -80,9 +85,10 @@ class KVCache:
         """Writes k, v (B, Hkv, T, D) at `write_index`, returns the rows' first kv_len slots (B, Hkv, kv_len, D)."""
         k_layer, v_layer = self.k[layer], self.v[layer]  # (rows, Hkv, S+1, D)
         head_dim = k.shape[-1]
-        # index_put_, not index_copy_: the same scattered rows in a third of the time on CPU
-        k_layer.view(-1, head_dim).index_put_((write_index,), k.reshape(-1, head_dim))
-        v_layer.view(-1, head_dim).index_put_((write_index,), v.reshape(-1, head_dim))
+        if self.write_rows is None or not self.write_rows(k_layer, v_layer, write_index, k, v):
+            # index_put_, not index_copy_: the same scattered rows in a third of the time on CPU
+            k_layer.view(-1, head_dim).index_put_((write_index,), k.reshape(-1, head_dim))
+            v_layer.view(-1, head_dim).index_put_((write_index,), v.reshape(-1, head_dim))
         if rows is None:  # rows 0..B-1: a view, no copy
             return k_layer[:k.shape[0], :, :kv_len], v_layer[:k.shape[0], :, :kv_len]
         return k_layer[rows, :, :kv_len], v_layer[rows, :, :kv_len]

@@ -107,25 +107,35 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
+        # q, k and v as one matrix, (H + 2 Hkv) * D outputs: an inference engine may fuse them (one pass over x)
+        self.qkv_proj: nn.Module | None = None
+
+    def heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        B, T, _ = t.shape
+        return t.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, T, n*D) -> (B, n, T, D)
 
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B, S, _ = x.shape
-        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
-        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return k, v
+        return self.heads(self.k_proj(x), self.n_kv_heads), self.heads(self.v_proj(x), self.n_kv_heads)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_proj is None:
+            return self.heads(self.q_proj(x), self.n_heads), *self.project_kv(x)
+        kv = self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+        return self.heads(q, self.n_heads), self.heads(k, self.n_kv_heads), self.heads(v, self.n_kv_heads)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, layer: int) -> torch.Tensor:
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         mask, is_causal = ctx.mask, ctx.is_causal
         if self.cross:
+            q = self.heads(self.q_proj(x), self.n_heads)  # (B, H, T, D)
             mask, is_causal = ctx.cross_mask, False
             if ctx.memory is not None:
                 k, v = self.project_kv(ctx.memory)
             else:
                 k, v = ctx.cache.cross(layer, ctx.cache_rows, B, ctx.cross_mask.shape[-1])
         else:
-            k, v = self.project_kv(x)
+            q, k, v = self.project_qkv(x)  # (B, H, T, D), (B, Hkv, T, D) x 2
             if ctx.rope is not None:
                 q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
             if ctx.cache is not None:

@@ -17,7 +17,7 @@ import torch
 
 from model.kv_cache import KVCache
 from model.model import Transformer
-from service.cpu_kernels import use_cpu_kernels
+from service.cpu_kernels import CacheWriter, kernels, use_cpu_kernels
 from service.scheduler import PrefillChunk
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ class ModelRunner:
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.cache = KVCache(self.config, max_batch_size, max_seq_len, device=self.device, dtype=self.dtype,
                              max_source_len=max_source_len)
+        if self.cpu_kernels:
+            self.cache.write_rows = CacheWriter(kernels())
         self.graphs: CudaGraphDecoder | None = None
         if cuda_graphs and self.device.type == "cuda":
             self.graphs = CudaGraphDecoder(self, [b for b in GRAPH_BATCH_SIZES if b <= max_batch_size])

@@ -14,9 +14,18 @@ from conftest import make_model
 from torch import nn
 
 from model.kv_cache import KVCache
-from model.model import FeedForward
+from model.model import Attention, FeedForward
 from service import cpu_kernels
-from service.cpu_kernels import Activation, CpuKernels, DecodeAttention, KernelLinear, pack, unpack, use_cpu_kernels
+from service.cpu_kernels import (
+    Activation,
+    CacheWriter,
+    CpuKernels,
+    DecodeAttention,
+    KernelLinear,
+    pack,
+    unpack,
+    use_cpu_kernels,
+)
 from service.runner import DecodeInput, ModelRunner
 from service.scheduler import PrefillChunk, Sequence
 
@@ -91,7 +100,7 @@ def counting(kernel: CpuKernels) -> tuple[CpuKernels, list[tuple[int, int]]]:
     def linear(*args):
         calls.append((args[4], args[6]))
         return kernel.linear(*args)
-    return CpuKernels(linear, kernel.activation, kernel.decode_attention), calls
+    return CpuKernels(linear, kernel.activation, kernel.decode_attention, kernel.write_kv), calls
 
 
 @needs_kernels
@@ -103,14 +112,15 @@ def test_prompt_passes_and_decode_steps_run_every_linear_layer_on_the_kernel(ker
     vocab, layers = model.config.vocab_size, model.config.num_hidden_layers
     seq = Sequence("a", prompt_len=5, max_new_tokens=4, row=0)
     runner.prefill([PrefillChunk(seq, 0, 5)], {"a": [1, 2, 3, 4, 5]})
-    assert [rows for rows, out in calls if out != vocab] == [5] * 6 * layers
+    # per layer: q, k and v fused, the attention output, the two FFN matrices
+    assert [rows for rows, out in calls if out != vocab] == [5] * 4 * layers
     assert [rows for rows, out in calls if out == vocab] == [1]  # only the last position is projected
     calls.clear()
     runner.decode([DecodeInput(row=0, token=6, position=5)])
-    assert calls.count((1, vocab)) == 1 and len(calls) == 6 * layers + 1
+    assert calls.count((1, vocab)) == 1 and len(calls) == 4 * layers + 1
     calls.clear()
     runner.last_token_logits([[1, 2, 3], [4]])  # next-token distributions: a padded prompt pass
-    assert [rows for rows, out in calls if out != vocab] == [6] * 6 * layers and calls[-1] == (2, vocab)
+    assert [rows for rows, out in calls if out != vocab] == [6] * 4 * layers and calls[-1] == (2, vocab)
 
 
 @needs_kernels
@@ -140,17 +150,22 @@ def test_kernel_model_matches_the_plain_model_with_a_kv_cache(kernel, variant):
     plain = make_model(variant)
     fast = copy.deepcopy(plain)
     layers = use_cpu_kernels(fast, kernel)
-    assert layers == sum(isinstance(m, nn.Linear) for m in plain.modules()) > 0
+    fused = [m for m in fast.modules() if isinstance(m, Attention) and m.qkv_proj is not None]
+    assert len(fused) == plain.config.num_hidden_layers + plain.config.num_encoder_layers  # every self-attention
+    assert layers == sum(isinstance(m, nn.Linear) for m in plain.modules()) - 2 * len(fused) > 0
     assert not any(type(m) is nn.Linear for m in fast.modules())
     # each weight matrix is held once, packed (the row-major original is released); biases stay shared
     linear_weights = sum(m.weight.numel() for m in plain.modules() if isinstance(m, nn.Linear))
     packed = sum(m.packed.numel() for m in fast.modules() if isinstance(m, KernelLinear))
     assert linear_weights <= packed < linear_weights * 1.1  # panels of 16 outputs: a few zeros of padding
-    assert fast.num_parameters() == plain.num_parameters() - linear_weights + (
-        plain.lm_head.weight.numel() if plain.config.tie_word_embeddings else 0)  # the embedding keeps its table
-    for (name, module), original in zip(fast.named_modules(), plain.modules()):
-        if isinstance(module, KernelLinear):
-            assert torch.equal(module.weight, original.weight), name
+    for name, module in fast.named_modules():
+        if name.endswith("qkv_proj"):
+            attention = plain.get_submodule(name.removesuffix(".qkv_proj"))
+            original = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
+            assert torch.equal(module.weight, original), name
+            assert fast.get_submodule(name.removesuffix(".qkv_proj")).q_proj is None  # released
+        elif isinstance(module, KernelLinear):
+            assert torch.equal(module.weight, plain.get_submodule(name).weight), name
     assert isinstance(fast.decode_attention, DecodeAttention)
     on_kernel = plain.config.activation in Activation.KINDS
     assert all(isinstance(m.act, Activation) == on_kernel for m in fast.modules() if isinstance(m, FeedForward))
@@ -250,3 +265,21 @@ def test_decode_attention_leaves_other_shapes_to_sdpa(kernel):
     mask = torch.ones(2, 1, 3, 6, dtype=torch.bool)
     torch.testing.assert_close(DecodeAttention(kernel)(q, k, v, mask),
                                F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+@needs_kernels
+def test_cache_writer_puts_rows_where_index_put_does(kernel):
+    torch.manual_seed(0)
+    write = CacheWriter(kernel)
+    B, H, T, D, rows = 3, 2, 5, 16, 64
+    index = torch.randperm(rows)[:B * H * T]
+    k = torch.randn(B, T, H, D).transpose(1, 2)  # (B, H, T, D) as attention makes it: strided, rows contiguous
+    v = torch.randn(B, H, T, D)  # another layout (a rotated key is contiguous, its value is not)
+    caches = [torch.zeros(rows // H, H, 1, D) for _ in range(4)]
+    assert write(caches[0], caches[1], index, k, v)
+    caches[2].view(-1, D).index_put_((index,), k.reshape(-1, D))
+    caches[3].view(-1, D).index_put_((index,), v.reshape(-1, D))
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    half = [c.bfloat16() for c in caches[:2]]
+    assert not write(*half, index, k.bfloat16(), v.bfloat16())  # the cache falls back to index_put_
+    assert not write(caches[0], caches[1], index, k.transpose(2, 3), v.transpose(2, 3))  # rows not contiguous
