@@ -245,9 +245,11 @@ def applicable(model: nn.Module) -> bool:
 def release_free_memory() -> None:
     """Hands memory that was freed back to the OS where the C library can (glibc's `malloc_trim`): glibc keeps the
     row-major weights released by repacking in its heap, so the process would go on counting them."""
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):  # not glibc
+        return
+    trim(0)
 
 
 def fuse_qkv(attention: Attention, library: CpuKernels) -> None:
@@ -270,10 +272,9 @@ def fuse_qkv(attention: Attention, library: CpuKernels) -> None:
 def use_cpu_kernels(model: nn.Module, library: CpuKernels | None = None) -> int:
     """Swaps every `nn.Linear` of a float32 CPU Transformer for a `KernelLinear` (its weight repacked, the
     original released: inference only, and `state_dict` no longer holds the linear weights; self-attention's
-    q, k and v fused into one), its feed-forward
-    activation (tanh-GELU or SiLU) for an `Activation`, and gives it the decode attention kernel; returns how
-    many linear layers run on the kernel (counting those swapped by an earlier call), 0 where the kernels are
-    unavailable."""
+    q, k and v fused into one), its feed-forward activation (tanh-GELU or SiLU) for an `Activation`, and gives it
+    the decode attention kernel; returns how many linear layers run on the kernel (counting those swapped by an
+    earlier call), 0 where the kernels are unavailable."""
     library = library or kernels()
     if library is None or not applicable(model):
         return 0
