@@ -57,7 +57,8 @@ class ModelRunner:
         self.num_parameters = model.num_parameters()  # before the CPU kernels repack (and release) the weights
         self.cpu_kernels = bool(cpu_kernels and use_cpu_kernels(model))
         if self.cpu_kernels:
-            log.info("linear layers and decode attention on lmserve's CPU kernels")
+            log.info("linear layers (packed, q/k/v fused), activations, decode attention and KV writes "
+                     "on lmserve's CPU kernels")
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.cache = KVCache(self.config, max_batch_size, max_seq_len, device=self.device, dtype=self.dtype,
                              max_source_len=max_source_len)
