@@ -34,6 +34,7 @@ from model.model import Transformer
 from model.tokenizer import Tokenizer
 from service.engine import Engine, EngineConfig
 from service.requests import GenerationParams, GenerationRequest
+from service.runner import release_cpu_threads
 
 PROMPT, NEW = 32, 64
 GPT2_SMALL = dict(vocab_size=50257, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -130,6 +131,7 @@ def lmserve_round(engine: Engine, streams: int, mixed: bool) -> Callable[[], flo
         return sum(await asyncio.gather(*(one(n) for n in lengths)))
 
     def one_round() -> float:
+        release_cpu_threads()  # this thread is the client now: transformers' turn here left OpenMP workers behind
         start = time.perf_counter()
         tokens = asyncio.run(all_streams())
         return tokens / (time.perf_counter() - start)

@@ -33,7 +33,7 @@ from service.requests import (
     StopStringMatcher,
     TokenLogprob,
 )
-from service.runner import DecodeInput, ModelRunner, default_dtype, resolve_device
+from service.runner import DecodeInput, ModelRunner, default_dtype, release_cpu_threads, resolve_device
 from service.sampling import RowState, make_generator, sample, top_k_distribution
 from service.scheduler import Scheduler, Sequence
 
@@ -113,6 +113,7 @@ class Engine:
     # ---- lifecycle -----------------------------------------------------------------------------------
 
     def start(self) -> None:
+        release_cpu_threads()  # the loader's idle OpenMP workers would slow every step of the engine thread
         self._thread = threading.Thread(target=self._run, name="lmserve-engine", daemon=True)
         self._thread.start()
 
@@ -199,6 +200,8 @@ class Engine:
                 self._drain_inbox(block=not self.scheduler.has_work)
                 if self.scheduler.has_work:
                     self._step_guarded()
+                    if not self.scheduler.has_work:
+                        release_cpu_threads()  # idle: leave the cores' OpenMP threads to whoever computes next
                 self.stats = self._snapshot()
         except Exception as e:  # a bug outside any one request: report it on /health
             log.exception("engine thread died")

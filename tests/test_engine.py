@@ -4,6 +4,9 @@ streaming text, encoder-decoder requests and next-token distributions."""
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -319,3 +322,44 @@ def test_prefill_groups_cover_every_chunk_once_at_the_least_cost():
         bounds = [0] + [i + 1 for i, cut in enumerate(cuts) if cut] + [10]
         assert cost(_length_groups(few)) <= cost([few[a:b] for a, b in zip(bounds, bounds[1:])])
     assert _length_groups([]) == []
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists() or torch.get_num_threads() < 2,
+                    reason="counts the process's threads in Linux's /proc, with 2+ OpenMP threads")
+def test_release_cpu_threads_frees_the_callers_openmp_workers():
+    from service.runner import _openmp, release_cpu_threads
+
+    assert _openmp() is not None  # torch's CPU build runs on libgomp
+    counts = {}
+
+    def compute_then_release() -> None:  # a fresh thread, so no other test's pool is touched
+        counts["before"] = _threads()
+        torch.ones(1 << 22).sum()  # a parallel region: this thread gets its own pool of workers
+        counts["computing"] = _threads()
+        release_cpu_threads()
+        counts["released"] = _threads()
+        torch.ones(1 << 22).sum()  # and the next region makes new ones
+        counts["again"] = _threads()
+    worker = threading.Thread(target=compute_then_release)
+    worker.start()
+    worker.join()
+    workers = torch.get_num_threads() - 1
+    assert counts["computing"] == counts["before"] + workers
+    assert counts["released"] == counts["before"]
+    assert counts["again"] == counts["computing"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="counts the process's threads in Linux's /proc")
+def test_an_idle_engine_holds_no_openmp_workers(engine_factory, tokenizer):
+    engine = engine_factory()
+    idle = _threads()  # the engine thread, before its first parallel region
+    params = GenerationParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    run(engine, mixed_requests(tokenizer, n=4) + [GenerationRequest([5, 6, 7], params)])
+    deadline = time.monotonic() + 5
+    while _threads() != idle and time.monotonic() < deadline:  # it lets go once its last step is done
+        time.sleep(0.01)
+    assert _threads() == idle
