@@ -3,12 +3,14 @@
  * lmserve_linear_f32: y = x @ w^T + bias on weights packed once, at load time, into k-major panels of 16
  * outputs: panel p holds w[16p .. 16p+15][k] for every k as 16 consecutive floats (rows past `out` are zeros).
  * One kernel serves every pass, from a single decoding sequence to a prompt of hundreds of tokens:
- * - several activation rows (2 and up): BLIS-style micro-tiles of up to 6 rows x 16 outputs (12 accumulators +
+ * - 4 activation rows and up: BLIS-style micro-tiles of up to 6 rows x 16 outputs (12 accumulators +
  *   2 weight vectors + 1 broadcast = 15 of the 16 AVX registers), the inner dimension in blocks of 256 so a
  *   block of a panel (16 KiB) stays in L1 for every tile, up to 192 rows per pass over the weights so they
- *   stay in L2. The rows are split into tiles of near-equal height (32 rows: 6+6+5+5+5+5, not 6x5+2).
- * - one row (single-stream decoding, where the speed is how fast the weights stream from memory): 4 panels at
- *   a time, over the whole inner dimension, for 8 independent accumulator chains reading 4 memory streams.
+ *   stay in L2, the next block prefetched into L2 while a block's tiles compute. The rows are split into tiles of
+ *   near-equal height (32 rows: 6+6+5+5+5+5, not 6x5+2).
+ * - 1 to 3 rows (a few decoding sequences, where the speed is how fast the weights stream from memory): 4, 3 or
+ *   2 panels at a time over the whole inner dimension, for 8-12 independent accumulator chains reading that
+ *   many memory streams.
  * Every output is summed over the inner dimension in order with one FMA chain, then the bias, whatever the
  * tile, so a sequence's numbers are bit-identical alone or in a batch of any size, prompt or decode.
  *
@@ -40,7 +42,7 @@ static inline __m128 lane_sums(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
 #define TILE_ROWS 6   /* most activation rows per micro-tile */
 #define K_BLOCK 256   /* inner-dimension block: 16 KiB of a panel, in L1 */
 #define ROW_BLOCK 192 /* activation rows per pass over the weights: 192 KiB per K_BLOCK, in L2 */
-#define WIDE 4        /* panels per tile for a single activation row */
+#define WIDE 4        /* most panels per tile for 1-3 activation rows */
 
 /* Lane masks for the first `cols` of a panel's 16 outputs (masked loads and stores only for the last panel:
  * they are slow). */
@@ -70,10 +72,12 @@ static inline void store_panel(float *y, __m256 a0, __m256 a1, const float *bias
 
 /* R activation rows (row stride in) times one panel block of kn inner steps into y (row stride out); the
  * running sums live in y between K blocks (first block: start from 0; last: add the bias). R is a constant
- * once inlined, so the accumulators live in registers. */
+ * once inlined, so the accumulators live in registers. `ahead` (or NULL): memory to prefetch into L2, one
+ * cache line per inner step. */
 static inline __attribute__((always_inline)) void panel_tile(const float *panel, const float *x, int64_t in,
                                                              int64_t kn, float *y, int64_t out, int cols,
-                                                             const float *bias, int first, int last, const int R) {
+                                                             const float *bias, int first, int last, const int R,
+                                                             const float *ahead) {
     __m256i m0, m1;
     panel_masks(cols, &m0, &m1);
     __m256 acc[TILE_ROWS][2];
@@ -84,6 +88,7 @@ static inline __attribute__((always_inline)) void panel_tile(const float *panel,
     }
     for (int64_t k = 0; k < kn; k++) {
         const __m256 w0 = _mm256_loadu_ps(panel + k * PANEL), w1 = _mm256_loadu_ps(panel + k * PANEL + 8);
+        if (ahead) _mm_prefetch((const char *)(ahead + k * PANEL), _MM_HINT_T1);  /* PANEL floats = one line */
         for (int r = 0; r < R; r++) {
             const __m256 xr = _mm256_broadcast_ss(x + r * in + k);
             acc[r][0] = _mm256_fmadd_ps(w0, xr, acc[r][0]);
@@ -93,37 +98,46 @@ static inline __attribute__((always_inline)) void panel_tile(const float *panel,
     for (int r = 0; r < R; r++) store_panel(y + r * out, acc[r][0], acc[r][1], last ? bias : 0, cols);
 }
 
-/* One activation row times G consecutive panels over the whole inner dimension; outputs from `o`. */
+/* R activation rows (row stride in) times G consecutive panels over the whole inner dimension; outputs from `o`.
+ * R * G <= 6: up to 12 accumulators. */
 static inline __attribute__((always_inline)) void wide_tile(const float *panels, const float *x, int64_t in,
                                                             float *y, int64_t out, int64_t o, const float *bias,
-                                                            const int G) {
-    __m256 acc[WIDE][2];
-    for (int g = 0; g < G; g++) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+                                                            const int R, const int G) {
+    __m256 acc[3][WIDE][2];
+    for (int r = 0; r < R; r++)
+        for (int g = 0; g < G; g++) acc[r][g][0] = acc[r][g][1] = _mm256_setzero_ps();
     for (int64_t k = 0; k < in; k++) {
-        const __m256 xk = _mm256_broadcast_ss(x + k);
+        __m256 xr[3];
+        for (int r = 0; r < R; r++) xr[r] = _mm256_broadcast_ss(x + r * in + k);
         for (int g = 0; g < G; g++) {
             const float *w = panels + (g * in + k) * PANEL;
-            acc[g][0] = _mm256_fmadd_ps(_mm256_loadu_ps(w), xk, acc[g][0]);
-            acc[g][1] = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8), xk, acc[g][1]);
+            const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+            for (int r = 0; r < R; r++) {
+                acc[r][g][0] = _mm256_fmadd_ps(w0, xr[r], acc[r][g][0]);
+                acc[r][g][1] = _mm256_fmadd_ps(w1, xr[r], acc[r][g][1]);
+            }
         }
     }
     for (int g = 0; g < G; g++) {
         const int64_t og = o + g * PANEL;
         const int cols = out - og < PANEL ? (int)(out - og) : PANEL;
-        store_panel(y + og, acc[g][0], acc[g][1], bias ? bias + og : 0, cols);
+        for (int r = 0; r < R; r++)
+            store_panel(y + r * out + og, acc[r][g][0], acc[r][g][1], bias ? bias + og : 0, cols);
     }
 }
 
-static void single_row(const float *x, const float *w, const float *bias, float *y, int64_t in, int64_t out,
-                       int threads) {
-    const int64_t panels = (out + PANEL - 1) / PANEL, groups = (panels + WIDE - 1) / WIDE;
+/* 1 to 3 activation rows (R), G panels at a time over the whole inner dimension: G memory streams per core,
+ * where one stream (a single panel tile) reads 10-25% slower. */
+static void few_rows(const float *x, const float *w, const float *bias, float *y, int64_t in, int64_t out,
+                     int threads, const int R, const int G) {
+    const int64_t panels = (out + PANEL - 1) / PANEL, groups = (panels + G - 1) / G;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t g = 0; g < groups; g++) {
-        const int64_t p = g * WIDE;
-        if (p + WIDE <= panels) {
-            wide_tile(w + p * in * PANEL, x, in, y, out, p * PANEL, bias, WIDE);
+        const int64_t p = g * G;
+        if (p + G <= panels) {
+            wide_tile(w + p * in * PANEL, x, in, y, out, p * PANEL, bias, R, G);
         } else {
-            for (int64_t q = p; q < panels; q++) wide_tile(w + q * in * PANEL, x, in, y, out, q * PANEL, bias, 1);
+            for (int64_t q = p; q < panels; q++) wide_tile(w + q * in * PANEL, x, in, y, out, q * PANEL, bias, R, 1);
         }
     }
 }
@@ -131,9 +145,10 @@ static void single_row(const float *x, const float *w, const float *bias, float 
 /* x (rows, in) contiguous; w packed (ceil(out / 16), in, 16); bias (out) or NULL; y (rows, out). */
 void lmserve_linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t rows, int64_t in,
                         int64_t out, int threads) {
-    if (rows == 1) {
-        single_row(x, w, bias, y, in, out, threads);
-        return;
+    switch (rows) {
+        case 1: few_rows(x, w, bias, y, in, out, threads, 1, 4); return;
+        case 2: few_rows(x, w, bias, y, in, out, threads, 2, 3); return;
+        case 3: few_rows(x, w, bias, y, in, out, threads, 3, 2); return;
     }
     const int64_t panels = (out + PANEL - 1) / PANEL;
 #pragma omp parallel num_threads(threads)
@@ -153,13 +168,17 @@ void lmserve_linear_f32(const float *x, const float *w, const float *bias, float
                     const int height = (int)((left + tiles - 1) / tiles);  /* near-equal tiles */
                     const float *xm = x + m * in + k0;
                     float *ym = y + m * out + o;
+                    /* the first tile of a block pulls the block this thread multiplies next (the next 16 KiB of
+                     * weights: the same panel's next K block, or the next panel's first) into L2 while the
+                     * tiles compute; a prefetch past the end of the weights is harmless */
+                    const float *ahead = m == m0 ? panel + kn * PANEL : 0;
                     switch (height) {
-                        case 6: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 6); break;
-                        case 5: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 5); break;
-                        case 4: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 4); break;
-                        case 3: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 3); break;
-                        case 2: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 2); break;
-                        default: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 1); break;
+                        case 6: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 6, ahead); break;
+                        case 5: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 5, ahead); break;
+                        case 4: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 4, ahead); break;
+                        case 3: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 3, ahead); break;
+                        case 2: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 2, ahead); break;
+                        default: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 1, ahead); break;
                     }
                     m += height;
                 }
