@@ -39,19 +39,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.model import Attention, FeedForward
+from model.model import Attention, FeedForward, RMSNorm
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "cpu.c"
-CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 _pointer, _int64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
-    "lmserve_linear_f32": [_pointer] * 4 + [_int64] * 3 + [ctypes.c_int],
+    "lmserve_linear_f32": [_pointer] * 4 + [_int64] * 3 + [ctypes.c_int] + [_pointer] * 2 + [ctypes.c_int],
     "lmserve_activation_f32": [_pointer] * 2 + [_int64, ctypes.c_int, ctypes.c_int],
-    "lmserve_decode_attention_f32": [_pointer] * 5 + [_int64] * 8 + [ctypes.c_float, _pointer, ctypes.c_int],
+    "lmserve_decode_attention_f32": [_pointer] * 5 + [_int64] * 9 + [ctypes.c_float, _pointer, ctypes.c_int],
     "lmserve_write_kv_f32": [_pointer] * 5 + [_int64] * 10,
+    "lmserve_norm_f32": [_pointer] * 4 + [_int64] * 2 + [ctypes.c_float, ctypes.c_int, ctypes.c_int],
+    "lmserve_rope_f32": [_pointer] + [_int64] * 4 + [_pointer] * 2,
 }
+ACTIVATIONS = {"gelu_tanh": 1, "swiglu": 2, "relu": 3}  # ModelConfig.activation -> the kernels' ACT_ kind
 
 
 def kernel_dir() -> Path:
@@ -94,6 +97,8 @@ class CpuKernels:
     activation: ctypes._CFuncPtr
     decode_attention: ctypes._CFuncPtr
     write_kv: ctypes._CFuncPtr
+    norm: ctypes._CFuncPtr
+    rope: ctypes._CFuncPtr
 
     def __deepcopy__(self, memo: dict) -> CpuKernels:
         return self
@@ -116,8 +121,7 @@ def load(directory: Path, compiler: str | None = None) -> CpuKernels | None:
     for name, argtypes in _SIGNATURES.items():
         function = getattr(library, name)
         function.argtypes, function.restype = argtypes, None
-    return CpuKernels(library.lmserve_linear_f32, library.lmserve_activation_f32,
-                      library.lmserve_decode_attention_f32, library.lmserve_write_kv_f32)
+    return CpuKernels(*(getattr(library, name) for name in _SIGNATURES))
 
 
 @functools.cache
@@ -168,7 +172,8 @@ class KernelLinear(nn.Module):
         y = torch.empty(n, self.out_features)  # (N, out)
         if n:
             self.kernels.linear(rows.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(),
-                                y.data_ptr(), n, self.in_features, self.out_features, torch.get_num_threads())
+                                y.data_ptr(), n, self.in_features, self.out_features, torch.get_num_threads(),
+                                None, None, 0)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -177,12 +182,10 @@ class KernelLinear(nn.Module):
 
 class Activation:
     """The feed-forward activation on the CPU kernel, in one vectorized pass: GELU's tanh form (3-5x faster than
-    PyTorch's here) or SwiGLU's SiLU. Other dtypes, layouts or devices go to PyTorch."""
-
-    KINDS = {"gelu_tanh": 0, "swiglu": 1}  # ModelConfig.activation -> the kernel's kind
+    PyTorch's here), SwiGLU's SiLU or ReLU. Other dtypes, layouts or devices go to PyTorch."""
 
     def __init__(self, kernels: CpuKernels, activation: str, fallback: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.kernels, self.kind, self.fallback = kernels, self.KINDS[activation], fallback
+        self.kernels, self.kind, self.fallback = kernels, ACTIVATIONS[activation], fallback
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         if not (h.dtype == torch.float32 and h.device.type == "cpu" and h.is_contiguous()):
@@ -190,6 +193,31 @@ class Activation:
         y = torch.empty_like(h)
         self.kernels.activation(h.data_ptr(), y.data_ptr(), h.numel(), self.kind, torch.get_num_threads())
         return y
+
+
+class KernelNorm(nn.Module):
+    """`nn.LayerNorm` or `RMSNorm` on the CPU kernel: the decode step (service/cpu_decode.py) calls the same
+    kernel, so prompt passes and decode steps normalise identically. Other dtypes or devices go to PyTorch."""
+
+    def __init__(self, norm: nn.LayerNorm | RMSNorm, kernels: CpuKernels) -> None:
+        super().__init__()
+        self.rms, self.eps, self.kernels = isinstance(norm, RMSNorm), norm.eps, kernels
+        self.weight, self.bias = norm.weight, getattr(norm, "bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if not (x.dtype is weight.dtype is torch.float32 and x.is_cpu and weight.is_cpu):
+            return RMSNorm.forward(self, x) if self.rms else F.layer_norm(x, weight.shape, weight, bias, self.eps)
+        rows = x.reshape(-1, weight.shape[0]).contiguous()  # (N, C)
+        y = torch.empty_like(rows)
+        self.kernels.norm(rows.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+                          rows.shape[0], rows.shape[1], self.eps, self.rms, torch.get_num_threads())
+        return y.view(x.shape)
+
+
+def swappable_norm(module: nn.Module) -> bool:
+    return isinstance(module, RMSNorm) or (type(module) is nn.LayerNorm and module.elementwise_affine
+                                           and len(module.normalized_shape) == 1)
 
 
 class DecodeAttention:
@@ -206,13 +234,13 @@ class DecodeAttention:
         if not (T == 1 and q.dtype == k.dtype == v.dtype == torch.float32 and k.stride() == v.stride()
                 and k.stride(-1) == 1 and mask.shape == (B, 1, 1, S) and q.device.type == "cpu"):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != H)
-        q = q.contiguous()
+        q = q.contiguous()  # (B, H, 1, D)
         allowed = mask.reshape(B, S).contiguous().view(torch.uint8)  # (B, S)
         y = torch.empty_like(q)  # (B, H, 1, D)
         threads = torch.get_num_threads()
         scores = torch.empty(threads * S)
         self.kernels.decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), allowed.data_ptr(), y.data_ptr(),
-                                      B, H, k.shape[1], S, D, k.stride(0), k.stride(1), k.stride(2), D ** -0.5,
+                                      B, H, k.shape[1], S, D, k.stride(0), k.stride(1), k.stride(2), H * D, D ** -0.5,
                                       scores.data_ptr(), threads)
         return y
 
@@ -272,7 +300,8 @@ def fuse_qkv(attention: Attention, library: CpuKernels) -> None:
 def use_cpu_kernels(model: nn.Module, library: CpuKernels | None = None) -> int:
     """Swaps every `nn.Linear` of a float32 CPU Transformer for a `KernelLinear` (its weight repacked, the
     original released: inference only, and `state_dict` no longer holds the linear weights; self-attention's
-    q, k and v fused into one), its feed-forward activation (tanh-GELU or SiLU) for an `Activation`, and gives it
+    q, k and v fused into one), its norms for `KernelNorm`s, its feed-forward activation (tanh-GELU, SiLU or
+    ReLU) for an `Activation`, and gives it
     the decode attention kernel; returns how many linear layers run on the kernel (counting those swapped by an
     earlier call), 0 where the kernels are unavailable."""
     library = library or kernels()
@@ -282,15 +311,18 @@ def use_cpu_kernels(model: nn.Module, library: CpuKernels | None = None) -> int:
     for attention in [m for m in model.modules() if isinstance(m, Attention)]:
         fuse_qkv(attention, library)
     # the parents only: holding every module would keep each original weight alive until the end
-    parents = [m for m in model.modules() if any(isinstance(c, (nn.Linear, KernelLinear)) for c in m.children())]
+    parents = [m for m in model.modules() if any(isinstance(c, (nn.Linear, KernelLinear)) or swappable_norm(c)
+                                                 for c in m.children())]
     for module in parents:
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear and child.weight.is_contiguous():
                 child = KernelLinear(child, library)
                 setattr(module, name, child)
+            elif swappable_norm(child):
+                setattr(module, name, KernelNorm(child, library))
             count += isinstance(child, KernelLinear)
     activation = getattr(getattr(model, "config", None), "activation", None)
-    if activation in Activation.KINDS:
+    if activation in ACTIVATIONS:
         for module in model.modules():
             if isinstance(module, FeedForward) and not isinstance(module.act, Activation):
                 module.act = Activation(library, activation, module.act)

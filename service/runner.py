@@ -19,6 +19,7 @@ import torch
 
 from model.kv_cache import KVCache
 from model.model import Transformer
+from service.cpu_decode import CpuDecodeStep
 from service.cpu_kernels import CacheWriter, kernels, use_cpu_kernels
 from service.scheduler import PrefillChunk
 
@@ -86,8 +87,10 @@ class ModelRunner:
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.cache = KVCache(self.config, max_batch_size, max_seq_len, device=self.device, dtype=self.dtype,
                              max_source_len=max_source_len)
+        self.cpu_decode: CpuDecodeStep | None = None
         if self.cpu_kernels:
             self.cache.write_rows = CacheWriter(kernels())
+            self.cpu_decode = CpuDecodeStep.build(model, self.cache, kernels())
         self.graphs: CudaGraphDecoder | None = None
         if cuda_graphs and self.device.type == "cuda":
             self.graphs = CudaGraphDecoder(self, [b for b in GRAPH_BATCH_SIZES if b <= max_batch_size])
@@ -153,9 +156,12 @@ class ModelRunner:
             positions = [-1] * block
             for i in inputs:
                 tokens[i.row], positions[i.row] = i.token, i.position
-            logits = self.model(self.tensor(tokens)[:, None], self.tensor(positions)[:, None], cache=self.cache,
-                                logits_at=torch.zeros(block, dtype=torch.long, device=self.device),
-                                kv_len=max(positions) + 1)  # (block, V)
+            if self.cpu_decode is not None:
+                logits = self.cpu_decode(tokens, positions)
+            else:
+                logits = self.model(self.tensor(tokens)[:, None], self.tensor(positions)[:, None], cache=self.cache,
+                                    logits_at=torch.zeros(block, dtype=torch.long, device=self.device),
+                                    kv_len=max(positions) + 1)  # (block, V)
         rows = [i.row for i in inputs]
         if rows == list(range(len(rows))):  # the usual case: a view, no gather
             return logits[:len(rows)]

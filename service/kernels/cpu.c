@@ -14,7 +14,8 @@
  * Every output is summed over the inner dimension in order with one FMA chain, then the bias, whatever the
  * tile, so a sequence's numbers are bit-identical alone or in a batch of any size, prompt or decode.
  *
- * lmserve_activation_f32: GELU (tanh form) or SiLU in one vectorized pass.
+ * lmserve_activation_f32: GELU (tanh form), SiLU or ReLU in one vectorized pass (also a linear layer's
+ * epilogue, with a bias, a multiplier and a residual).
  *
  * lmserve_decode_attention_f32: one query per (sequence, head) against that sequence's cached keys and
  * values, read once, in place in the KV cache.
@@ -22,7 +23,10 @@
  * lmserve_write_kv_f32: a pass's new keys and values into their KV-cache slots (a row copy per head and token,
  * where PyTorch's index_put_ spends ~20 us per call on indexing).
  *
- * Built by service/cpu_kernels.py:  cc -O3 -mavx2 -mfma -fopenmp -shared -fPIC cpu.c
+ * lmserve_norm_f32, lmserve_rope_f32: LayerNorm / RMSNorm and rotary embeddings, so that the CPU decode step
+ * (service/cpu_decode.py) is a list of kernel calls.
+ *
+ * Built by service/cpu_kernels.py:  cc -O3 -mavx2 -mfma -ffp-contract=off -fopenmp -shared -fPIC cpu.c
  */
 #include <immintrin.h>
 #include <math.h>
@@ -34,6 +38,44 @@
 static inline __m128 lane_sums(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
     __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
     return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+/* ---- activation math ------------------------------------------------------------------------------------ */
+
+/* e^x for 8 floats (Cephes' expf: 2^n times a degree-7 polynomial, within 2 ulp); x clamped to [-87.3, 88.3] */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  /* x - n ln 2, in two parts */
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* x * sigmoid(a x + b x^3) for 8 floats: GELU's tanh form is a = 2 sqrt(2/pi), b = 0.044715 a (since
+ * (1 + tanh(u)) / 2 = sigmoid(2u)); SiLU is a = 1, b = 0 */
+static inline __m256 gated8(__m256 x, __m256 a, __m256 b) {
+    const __m256 z = _mm256_mul_ps(x, _mm256_fmadd_ps(_mm256_mul_ps(b, x), x, a));
+    return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), z))));
+}
+
+enum { ACT_NONE = 0, ACT_GELU_TANH = 1, ACT_SILU = 2, ACT_RELU = 3 };
+
+static inline __m256 activate8(__m256 x, int act) {
+    switch (act) {
+        case ACT_GELU_TANH: return gated8(x, _mm256_set1_ps(1.5957691216057308f), _mm256_set1_ps(0.0713548162726f));
+        case ACT_SILU: return gated8(x, _mm256_set1_ps(1.0f), _mm256_setzero_ps());
+        case ACT_RELU: return _mm256_max_ps(_mm256_setzero_ps(), x);  /* NaN stays NaN, as in PyTorch */
+        default: return x;
+    }
 }
 
 /* ---- linear layers on packed weights -------------------------------------------------------------------- */
@@ -68,6 +110,30 @@ static inline void store_panel(float *y, __m256 a0, __m256 a1, const float *bias
         _mm256_maskstore_ps(y, m0, a0);
         _mm256_maskstore_ps(y + 8, m1, a1);
     }
+}
+
+/* What a linear layer may do with its outputs (sum + bias) before they leave: activation, * mul, + residual.
+ * mul and residual are (rows, out) like y, or NULL. */
+typedef struct {
+    const float *mul, *residual;
+    int act;
+} Epilogue;
+
+/* y = residual + act(y) * mul over a tile of `rows` rows x `cols` (<= 16) outputs, in place; y, mul and residual
+ * point at the tile's first element, rows `stride` apart. Not inlined, so that its constants and pointers take
+ * no registers from the tiles' accumulators (which would spill: 2.3x slower at 32 rows). */
+static __attribute__((noinline)) void finish_tile(float *y, const Epilogue *e, int64_t offset, int64_t stride,
+                                                  int rows, int cols) {
+    __m256i mask[2];
+    panel_masks(cols, &mask[0], &mask[1]);
+    for (int r = 0; r < rows; r++)
+        for (int half = 0; half < 2; half++) {
+            const int64_t at = offset + r * stride + 8 * half;
+            __m256 a = activate8(_mm256_maskload_ps(y + at, mask[half]), e->act);
+            if (e->mul) a = _mm256_mul_ps(a, _mm256_maskload_ps(e->mul + at, mask[half]));
+            if (e->residual) a = _mm256_add_ps(_mm256_maskload_ps(e->residual + at, mask[half]), a);
+            _mm256_maskstore_ps(y + at, mask[half], a);
+        }
 }
 
 /* R activation rows (row stride in) times one panel block of kn inner steps into y (row stride out); the
@@ -128,8 +194,8 @@ static inline __attribute__((always_inline)) void wide_tile(const float *panels,
 
 /* 1 to 3 activation rows (R), G panels at a time over the whole inner dimension: G memory streams per core,
  * where one stream (a single panel tile) reads 10-25% slower. */
-static void few_rows(const float *x, const float *w, const float *bias, float *y, int64_t in, int64_t out,
-                     int threads, const int R, const int G) {
+static void few_rows(const float *x, const float *w, const float *bias, const Epilogue *e, float *y, int64_t in,
+                     int64_t out, int threads, const int R, const int G) {
     const int64_t panels = (out + PANEL - 1) / PANEL, groups = (panels + G - 1) / G;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t g = 0; g < groups; g++) {
@@ -139,16 +205,22 @@ static void few_rows(const float *x, const float *w, const float *bias, float *y
         } else {
             for (int64_t q = p; q < panels; q++) wide_tile(w + q * in * PANEL, x, in, y, out, q * PANEL, bias, R, 1);
         }
+        if (e)
+            for (int64_t q = p; q < p + G && q < panels; q++)
+                finish_tile(y, e, q * PANEL, out, R, out - q * PANEL < PANEL ? (int)(out - q * PANEL) : PANEL);
     }
 }
 
-/* x (rows, in) contiguous; w packed (ceil(out / 16), in, 16); bias (out) or NULL; y (rows, out). */
+/* y = residual + act(x @ w^T + bias) * mul: x (rows, in) contiguous; w packed (ceil(out / 16), in, 16); bias (out),
+ * mul and residual (rows, out), each NULL when absent; act an ACT_ kind; y (rows, out), which must not overlap
+ * x, mul or residual. */
 void lmserve_linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t rows, int64_t in,
-                        int64_t out, int threads) {
+                        int64_t out, int threads, const float *mul, const float *residual, int act) {
+    const Epilogue epilogue = {mul, residual, act}, *e = mul || residual || act ? &epilogue : 0;
     switch (rows) {
-        case 1: few_rows(x, w, bias, y, in, out, threads, 1, 4); return;
-        case 2: few_rows(x, w, bias, y, in, out, threads, 2, 3); return;
-        case 3: few_rows(x, w, bias, y, in, out, threads, 3, 2); return;
+        case 1: few_rows(x, w, bias, e, y, in, out, threads, 1, 4); return;
+        case 2: few_rows(x, w, bias, e, y, in, out, threads, 2, 3); return;
+        case 3: few_rows(x, w, bias, e, y, in, out, threads, 3, 2); return;
     }
     const int64_t panels = (out + PANEL - 1) / PANEL;
 #pragma omp parallel num_threads(threads)
@@ -180,6 +252,7 @@ void lmserve_linear_f32(const float *x, const float *w, const float *bias, float
                         case 2: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 2, ahead); break;
                         default: panel_tile(panel, xm, in, kn, ym, out, cols, b, first, last, 1, ahead); break;
                     }
+                    if (e && last) finish_tile(y, e, m * out + o, out, height, cols);
                     m += height;
                 }
             }
@@ -187,46 +260,70 @@ void lmserve_linear_f32(const float *x, const float *w, const float *bias, float
     }
 }
 
-/* ---- activations ---------------------------------------------------------------------------------------- */
+/* ---- activations and norms ------------------------------------------------------------------------------- */
 
-/* e^x for 8 floats (Cephes' expf: 2^n times a degree-7 polynomial, within 2 ulp); x clamped to [-87.3, 88.3] */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  /* x - n ln 2, in two parts */
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-/* x * sigmoid(a x + b x^3) for 8 floats: GELU's tanh form is a = 2 sqrt(2/pi), b = 0.044715 a (since
- * (1 + tanh(u)) / 2 = sigmoid(2u)); SiLU is a = 1, b = 0 */
-static inline __m256 gated8(__m256 x, __m256 a, __m256 b) {
-    const __m256 z = _mm256_mul_ps(x, _mm256_fmadd_ps(_mm256_mul_ps(b, x), x, a));
-    return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), z))));
-}
-
-/* y = act(x) over n floats; kind 0: GELU (tanh approximation), 1: SiLU. One pass where PyTorch's tanh-GELU
- * takes several (2-6 ns per float on our EPYC). */
-void lmserve_activation_f32(const float *x, float *y, int64_t n, int kind, int threads) {
-    const float a = kind == 0 ? 1.5957691216057308f : 1.0f, b = kind == 0 ? 0.0713548162726f : 0.0f;
-    const __m256 av = _mm256_set1_ps(a), bv = _mm256_set1_ps(b);
+/* y = act(x) over n floats (act an ACT_ kind). One pass where PyTorch's tanh-GELU takes several (2-6 ns per
+ * float on our EPYC). */
+void lmserve_activation_f32(const float *x, float *y, int64_t n, int act, int threads) {
     const int64_t vectors = n / 8;
 #pragma omp parallel for schedule(static) num_threads(threads) if (n >= 32768)
-    for (int64_t i = 0; i < vectors; i++) _mm256_storeu_ps(y + 8 * i, gated8(_mm256_loadu_ps(x + 8 * i), av, bv));
+    for (int64_t i = 0; i < vectors; i++) _mm256_storeu_ps(y + 8 * i, activate8(_mm256_loadu_ps(x + 8 * i), act));
     if (n % 8) {  /* the tail through the same vector code, so every element gets the same arithmetic */
         float in[8] = {0}, out[8];
         memcpy(in, x + 8 * vectors, (n % 8) * sizeof(float));
-        _mm256_storeu_ps(out, gated8(_mm256_loadu_ps(in), av, bv));
+        _mm256_storeu_ps(out, activate8(_mm256_loadu_ps(in), act));
         memcpy(y + 8 * vectors, out, (n % 8) * sizeof(float));
+    }
+}
+
+/* sum(x[i]) (or sum((x[i] - c)^2) when squared) over n floats: 8 lanes in order, then the lanes, then the tail */
+static inline float row_sum(const float *x, int64_t n, float c, int squared) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256 cv = _mm256_set1_ps(c);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(x + i), cv);
+        acc = squared ? _mm256_fmadd_ps(v, v, acc) : _mm256_add_ps(acc, v);
+    }
+    float s = _mm_cvtss_f32(lane_sums(acc, acc, acc, acc));
+    for (; i < n; i++) s += squared ? (x[i] - c) * (x[i] - c) : x[i] - c;
+    return s;
+}
+
+/* LayerNorm ((x - mean) / sqrt(var + eps) * weight + bias; bias may be NULL) or, with rms, RMSNorm
+ * (weight * (x / sqrt(mean(x^2) + eps))) of each row: x and y (rows, dim), contiguous. */
+void lmserve_norm_f32(const float *x, const float *weight, const float *bias, float *y, int64_t rows, int64_t dim,
+                      float eps, int rms, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * dim >= 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * dim;
+        float *yr = y + r * dim;
+        const float mean = rms ? 0.0f : row_sum(xr, dim, 0.0f, 0) / (float)dim;
+        const float scale = 1.0f / sqrtf(row_sum(xr, dim, mean, 1) / (float)dim + eps);
+        for (int64_t i = 0; i < dim; i++) {
+            const float h = (xr[i] - mean) * scale;
+            yr[i] = rms ? weight[i] * h : h * weight[i] + (bias ? bias[i] : 0.0f);
+        }
+    }
+}
+
+/* Rotary embedding in place, Llama's half-split layout: for each row b (stride row_stride) and each of `heads`
+ * heads of dim D from the row's start, x = x * cos + rotate_half(x) * sin, at the row's position's cos and sin
+ * (table (P, 2, D)); a negative position (padding) counts as 0. Rounds as PyTorch's apply_rope does (built with
+ * -ffp-contract=off: no product is fused into a sum), so a decode step rotates exactly as a prompt pass. */
+void lmserve_rope_f32(float *x, int64_t rows, int64_t row_stride, int64_t heads, int64_t D, const float *table,
+                      const int64_t *positions) {
+    const int64_t half = D / 2;
+    for (int64_t b = 0; b < rows; b++) {
+        const float *cosine = table + (positions[b] > 0 ? positions[b] : 0) * 2 * D, *sine = cosine + D;
+        for (int64_t h = 0; h < heads; h++) {
+            float *v = x + b * row_stride + h * D;
+            for (int64_t i = 0; i < half; i++) {
+                const float x1 = v[i], x2 = v[i + half];
+                v[i] = x1 * cosine[i] + -x2 * sine[i];  /* -ffp-contract=off: two products, then the sum */
+                v[i + half] = x2 * cosine[i + half] + x1 * sine[i + half];
+            }
+        }
     }
 }
 
@@ -251,12 +348,13 @@ static inline void axpy(float p, const float *x, float *y, int64_t n) {
 }
 
 /* softmax(q k^T * scale, masked) v for one query per (sequence b, head h):
- * q (B, H, D) contiguous; key/value (b, g, s, :) at k/v + b*stride_b + g*stride_h + s*stride_s, where
+ * q (B, H, D) with row stride q_stride (heads contiguous within a row); key/value (b, g, s, :) at k/v + b*stride_b + g*stride_h + s*stride_s, where
  * g = h / (H / Hkv) is the head's key/value group; mask (B, S) bytes, nonzero = may attend (at least one per
  * row); y (B, H, D). `scores` holds S floats per thread. */
 void lmserve_decode_attention_f32(const float *q, const float *k, const float *v, const uint8_t *mask, float *y,
                                   int64_t B, int64_t H, int64_t Hkv, int64_t S, int64_t D, int64_t stride_b,
-                                  int64_t stride_h, int64_t stride_s, float scale, float *scores, int threads) {
+                                  int64_t stride_h, int64_t stride_s, int64_t q_stride, float scale, float *scores,
+                                  int threads) {
     const int64_t group = H / Hkv;
 #pragma omp parallel num_threads(threads)
     {
@@ -264,7 +362,8 @@ void lmserve_decode_attention_f32(const float *q, const float *k, const float *v
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * H; bh++) {
             const int64_t b = bh / H, g = (bh % H) / group;
-            const float *qh = q + bh * D, *kh = k + b * stride_b + g * stride_h, *vh = v + b * stride_b + g * stride_h;
+            const float *qh = q + b * q_stride + (bh % H) * D;
+            const float *kh = k + b * stride_b + g * stride_h, *vh = v + b * stride_b + g * stride_h;
             const uint8_t *allowed = mask + b * S;
             float top = -INFINITY, total = 0.0f;
             for (int64_t s = 0; s < S; s++) {
