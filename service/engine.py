@@ -304,10 +304,11 @@ class Engine:
         logits = decoded if len(ready) == len(plan.decode) else torch.stack([logits for _, logits in ready])
         result = sample(logits, [a.row_state for a, _ in ready], self.generator)
         for i, (active, _) in enumerate(ready):
+            token, logprob = result.token_ids[i], result.logprobs[i]  # logprob: None unless the request asked
             top = result.top_logprobs[i]
-            self._accept(active, result.token_ids[i], TokenLogprob(result.token_ids[i], result.logprobs[i], top))
+            self._accept(active, token, None if logprob is None else TokenLogprob(token, logprob, top))
 
-    def _accept(self, active: _Active, token: int, logprob: TokenLogprob) -> None:
+    def _accept(self, active: _Active, token: int, logprob: TokenLogprob | None) -> None:
         """Adds a sampled token to its request: stop checks, detokenization, streaming."""
         params = active.request.params
         if (token == self.eos_id and not params.ignore_eos) or token in params.stop_token_ids:

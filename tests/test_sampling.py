@@ -249,8 +249,10 @@ def test_logprobs_are_of_the_raw_distribution():
     result = sample(logits, rows, torch.Generator().manual_seed(0))
     raw = torch.log_softmax(logits, dim=-1)  # (B, V)
     for i, token in enumerate(result.token_ids):
-        assert result.logprobs[i] == raw[i, token].item()
+        assert result.logprobs[i] == (None if i == 2 else raw[i, token].item())  # row 2 did not ask
     assert [None if t is None else len(t) for t in result.top_logprobs] == [5, 0, None, 20]
+    everyone = sample(logits, rows_of(*[SamplingParams(temperature=0.0, logprobs=2)] * 4))
+    assert everyone.logprobs == raw.max(-1).values.tolist() and all(len(t) == 2 for t in everyone.top_logprobs)
     for i in (0, 3):
         top = result.top_logprobs[i]
         assert [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
