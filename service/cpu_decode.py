@@ -57,6 +57,7 @@ class CpuDecodeStep:
         self.ff = torch.empty(rows, c.intermediate_size)
         self.gated = torch.empty(rows, c.intermediate_size) if c.activation == "swiglu" else None
         self.slots = torch.arange(cache.max_seq_len + 1)
+        self.threads = torch.get_num_threads()  # read again at every step
 
     @classmethod
     def build(cls, model: Transformer, cache: KVCache, kernels: CpuKernels) -> CpuDecodeStep | None:

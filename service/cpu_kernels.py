@@ -1,5 +1,5 @@
 """Our float32 CPU kernels (service/kernels/cpu.c), built with the system C compiler on first use: linear
-layers, the feed-forward activation, and one-query attention.
+layers, norms, the feed-forward activation, rotary embeddings, one-query attention and KV-cache writes.
 
 Decoding multiplies a few rows of activations (one per sequence) by every weight matrix, once per token, so
 its speed is how fast the weights stream from memory; prompts multiply hundreds of rows, and their speed is
@@ -11,7 +11,7 @@ streams 4 panels at a time, several rows run 6x16 register tiles. Every output i
 whatever the number of rows, so a sequence's numbers are bit-identical alone or in a batch, in a prompt
 pass or a decode step. `python bench/cpu_kernels.py` measures it against oneDNN and PyTorch's `F.linear`.
 
-The activation kernel computes tanh-GELU or SiLU in one vectorized pass. Decode attention (one query per
+The activation kernel computes tanh-GELU, SiLU or ReLU in one vectorized pass. Decode attention (one query per
 sequence) reads each sequence's keys and values once, in place in the KV cache: 0.4 ms per layer for 32
 sequences of 65 tokens (GPT-2 small shape) against 1.0 ms for PyTorch's CPU SDPA, which is made for long queries.
 
