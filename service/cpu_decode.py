@@ -98,8 +98,8 @@ class CpuDecodeStep:
         self.threads = torch.get_num_threads()
         position = torch.tensor(positions)[:, None]  # (B, 1)
         x = self.model.embed(torch.tensor(tokens)[:, None], position).view(B, -1)  # (B, C)
-        mid, h, qkv, attn, ff, gated = (t[:B] for t in (self.mid, self.h, self.qkv, self.attn, self.ff, self.gated
-                                                         if self.gated is not None else self.ff))
+        mid, h, qkv, attn, ff = (t[:B] for t in (self.mid, self.h, self.qkv, self.attn, self.ff))
+        gated = self.gated[:B] if self.gated is not None else None
         allowed = (self.slots[:kv_len] <= position.clamp(min=0)).view(torch.uint8)  # (B, S): as the model's mask
         write_index = self.cache.write_index(None, position)  # (B * Hkv,)
         scores = torch.empty(self.threads * kv_len)
