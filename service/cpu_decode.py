@@ -57,6 +57,9 @@ class CpuDecodeStep:
         self.ff = torch.empty(rows, c.intermediate_size)
         self.gated = torch.empty(rows, c.intermediate_size) if c.activation == "swiglu" else None
         self.slots = torch.arange(cache.max_seq_len + 1)
+        # each layer's KV cache (rows, Hkv, S + 1, D) never moves: its addresses and strides, once
+        self.kv_at = [(cache.k[i].data_ptr(), cache.v[i].data_ptr()) for i in range(len(layers))]
+        self.kv_strides = cache.k[0].stride()[:3]
         self.threads = torch.get_num_threads()  # read again at every step
 
     @classmethod
@@ -104,17 +107,16 @@ class CpuDecodeStep:
         write_index = self.cache.write_index(None, position)  # (B * Hkv,)
         scores = torch.empty(self.threads * kv_len)
         rope = self.model.rope
-        for i, layer in enumerate(self.layers):
-            k_cache, v_cache = self.cache.k[i], self.cache.v[i]  # (rows, Hkv, S + 1, D)
+        for layer, (k_cache, v_cache) in zip(self.layers, self.kv_at):
             self.norm(layer.attn_norm, x, h)
             self.linear(layer.qkv, h, qkv)  # (B, (H + 2 Hkv) D): q heads, k heads, v heads
             if rope is not None:  # q and k: the row's first H + Hkv heads
                 self.kernels.rope(qkv.data_ptr(), B, qkv.shape[1], H + Hkv, D, rope.data_ptr(), position.data_ptr())
             k_at, v_at = qkv.data_ptr() + 4 * H * D, qkv.data_ptr() + 4 * (H + Hkv) * D  # float32: 4 bytes
-            self.kernels.write_kv(k_cache.data_ptr(), v_cache.data_ptr(), write_index.data_ptr(), k_at, v_at,
+            self.kernels.write_kv(k_cache, v_cache, write_index.data_ptr(), k_at, v_at,
                                   B, Hkv, 1, D, qkv.shape[1], D, D, qkv.shape[1], D, D)
-            self.kernels.decode_attention(qkv.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), allowed.data_ptr(),
-                                          attn.data_ptr(), B, H, Hkv, kv_len, D, *k_cache.stride()[:3], qkv.shape[1],
+            self.kernels.decode_attention(qkv.data_ptr(), k_cache, v_cache, allowed.data_ptr(),
+                                          attn.data_ptr(), B, H, Hkv, kv_len, D, *self.kv_strides, qkv.shape[1],
                                           D ** -0.5, scores.data_ptr(), self.threads)
             self.linear(layer.o, attn, mid, residual=x)
             self.norm(layer.mlp_norm, mid, h)
