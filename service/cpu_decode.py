@@ -1,23 +1,20 @@
-"""The CPU decode step as a fixed list of kernel calls (service/kernels/cpu.c) on preallocated buffers.
+"""The CPU decode step as one call into our kernels (service/kernels/decode_step.c).
 
-A decode step of a small model on a CPU lasts as long as its weights take to stream from memory (~15 ms for
-GPT-2 small here); going through the model's modules adds ~2.5 ms of Python to that (module calls, views,
-temporaries: ~15 operations per layer). `CpuDecodeStep` runs the same kernels on the same weights in the same
-order, layer by layer,
-
-    h = norm(x); qkv = h Wqkv + b; rope(q, k); cache[position] = k, v; a = attention(q, cache)
-    x = x + (a Wo + b); h = norm(x); f = act(h Wup + b) [* silu(h Wgate + b)]; x = x + (f Wdown + b)
-
-with the activation, the SwiGLU product and the residual add done by the linear layers as they store their
-outputs, so its logits are bit-identical to the model's own forward pass on the CPU kernels
-(tests/test_cpu_decode.py), in about 8 calls per layer. It serves decoder-only, pre-norm float32 models whose
-layers `use_cpu_kernels` swapped; `CpuDecodeStep.build` returns None for anything else, and the runner then
-decodes with the model's forward pass. CUDA's counterpart is the runner's CUDA-graph decoder.
+A decode step of a small model on a CPU lasts as long as its weights take to stream from memory (~13 ms for
+GPT-2 small here). Going through the model's modules adds ~2.5 ms of Python to that (module calls, views,
+temporaries: ~15 operations per layer), and even a list of kernel calls on preallocated buffers adds ~1 ms
+(~100 ctypes calls, each starting a parallel region). `CpuDecodeStep` describes the model once, in C structs of
+pointers to its packed weights, norms, embeddings and KV cache, and each step is then one call: the embedding,
+every layer, the final norm and the output layer in one OpenMP parallel region, with the same kernels in the same
+order as the model's own forward pass on them, so its logits and KV cache are bit-identical to that
+(tests/test_cpu_decode.py). It serves decoder-only, pre-norm float32 models whose layers `use_cpu_kernels`
+swapped; `CpuDecodeStep.build` returns None for anything else, and the runner then decodes with the model's
+forward pass. CUDA's counterpart is the runner's CUDA-graph decoder.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ctypes
 
 import torch
 
@@ -25,108 +22,92 @@ from model.kv_cache import KVCache
 from model.model import Transformer
 from service.cpu_kernels import ACTIVATIONS, CpuKernels, KernelLinear, KernelNorm
 
-_NO_ACTIVATION, _SILU = 0, ACTIVATIONS["swiglu"]
+_int64, _float, _int32, _pointer = ctypes.c_int64, ctypes.c_float, ctypes.c_int32, ctypes.c_void_p
 
 
-@dataclass
-class _Layer:
-    attn_norm: KernelNorm
-    qkv: KernelLinear
-    o: KernelLinear
-    mlp_norm: KernelNorm
-    up: KernelLinear
-    gate: KernelLinear | None
-    down: KernelLinear
+class StepLayer(ctypes.Structure):
+    """decode_step.c's StepLayer: one layer's norms, packed weights, biases and KV cache."""
+
+    _fields_ = [(name, _pointer) for name in (
+        "attn_norm_weight", "attn_norm_bias", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm_weight", "mlp_norm_bias",
+        "gate", "gate_bias", "up", "up_bias", "down", "down_bias", "k_cache", "v_cache")]
 
 
-def _pointer(t: torch.Tensor | None) -> int | None:
+class StepModel(ctypes.Structure):
+    """decode_step.c's StepModel: the sizes, the model's other weights, the layers and the work buffers."""
+
+    _fields_ = ([(name, _int64) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate",
+                                             "vocab", "sink_slot", "kv_stride_b", "kv_stride_h", "kv_stride_s")]
+                + [("norm_eps", _float), ("attn_scale", _float), ("embed_scale", _float), ("rms", _int32),
+                   ("act", _int32)]
+                + [(name, _pointer) for name in ("token_embedding", "position_embedding", "rope", "norm_weight",
+                                                 "norm_bias", "lm_head", "lm_head_bias")]
+                + [("layer", ctypes.POINTER(StepLayer))]
+                + [(name, _pointer) for name in ("x", "mid", "h", "qkv", "attn", "ff", "gated", "mask")])
+
+
+def _pointer_to(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _norms_alike(norms: list) -> bool:
+    return all(isinstance(n, KernelNorm) for n in norms) and len({(n.rms, n.eps) for n in norms}) == 1
+
+
 class CpuDecodeStep:
-    def __init__(self, model: Transformer, layers: list[_Layer], cache: KVCache, kernels: CpuKernels) -> None:
-        c = model.config
-        self.model, self.layers, self.cache, self.kernels = model, layers, cache, kernels
-        self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.activation = ACTIVATIONS[c.activation] if c.activation != "swiglu" else _NO_ACTIVATION
-        rows, width = cache.batch_size, (self.heads + 2 * self.kv_heads) * self.head_dim
-        # per-step activations, (rows, features): the residual stream alternates between `x` (the embedding's
-        # output, then each layer's) and `mid` (after attention), as a linear layer can't add in place
-        self.mid, self.h = torch.empty(rows, c.hidden_size), torch.empty(rows, c.hidden_size)
-        self.qkv, self.attn = torch.empty(rows, width), torch.empty(rows, self.heads * self.head_dim)
-        self.ff = torch.empty(rows, c.intermediate_size)
-        self.gated = torch.empty(rows, c.intermediate_size) if c.activation == "swiglu" else None
-        self.slots = torch.arange(cache.max_seq_len + 1)
-        # each layer's KV cache (rows, Hkv, S + 1, D) never moves: its addresses and strides, once
-        self.kv_at = [(cache.k[i].data_ptr(), cache.v[i].data_ptr()) for i in range(len(layers))]
-        self.kv_strides = cache.k[0].stride()[:3]
-        self.threads = torch.get_num_threads()  # read again at every step
+    def __init__(self, model: Transformer, cache: KVCache, kernels: CpuKernels) -> None:
+        c, final_norm = model.config, model.norm
+        rows, width = cache.batch_size, (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+        self.vocab, self.step = c.vocab_size, kernels.decode_step
+        # per-step activations, (rows, features), kept here: the structs below only point at them
+        self.buffers = {name: torch.empty(rows, size) for name, size in (
+            ("x", c.hidden_size), ("mid", c.hidden_size), ("h", c.hidden_size), ("qkv", width),
+            ("attn", c.num_attention_heads * c.head_dim), ("ff", c.intermediate_size),
+            ("gated", c.intermediate_size if c.activation == "swiglu" else 0))}
+        self.mask = torch.empty(rows * (cache.max_seq_len + 1), dtype=torch.uint8)
+        # positions: the learned table, or the sinusoidal one as the embedding adds it (cast once, not per step)
+        self.positions = (model.embed_positions.weight if model.embed_positions is not None
+                          else None if model.sinusoid is None else model.sinusoid.float().contiguous())
+        self.layers = (StepLayer * len(model.layers))()
+        for i, block in enumerate(model.layers):
+            attention, mlp = block.self_attn, block.mlp
+            self.layers[i] = StepLayer(*map(_pointer_to, (
+                block.attn_norm.weight, block.attn_norm.bias, attention.qkv_proj.packed, attention.qkv_proj.bias,
+                attention.o_proj.packed, attention.o_proj.bias, block.mlp_norm.weight, block.mlp_norm.bias,
+                None if mlp.gate_proj is None else mlp.gate_proj.packed,
+                None if mlp.gate_proj is None else mlp.gate_proj.bias, mlp.up_proj.packed, mlp.up_proj.bias,
+                mlp.down_proj.packed, mlp.down_proj.bias, cache.k[i], cache.v[i])))
+        self.model = StepModel(
+            len(model.layers), c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+            c.intermediate_size, c.vocab_size, cache.max_seq_len, *cache.k[0].stride()[:3],
+            final_norm.eps, c.head_dim ** -0.5, model.embed_scale, final_norm.rms, ACTIVATIONS[c.activation],
+            *map(_pointer_to, (model.embed_tokens.weight, self.positions, model.rope, final_norm.weight,
+                               final_norm.bias, model.lm_head.packed, model.lm_head.bias)),
+            self.layers, *map(_pointer_to, (*self.buffers.values(), self.mask)))
+        self.address = ctypes.addressof(self.model)
 
     @classmethod
     def build(cls, model: Transformer, cache: KVCache, kernels: CpuKernels) -> CpuDecodeStep | None:
         """The decode step for `model` (its layers already on the CPU kernels), or None where it doesn't apply."""
         c = model.config
         if (c.is_encoder_decoder or c.norm_position != "pre" or c.activation not in ACTIVATIONS
-                or cache.k.dtype != torch.float32 or not isinstance(model.norm, KernelNorm)
-                or not isinstance(model.lm_head, KernelLinear)):
+                or cache.k.dtype != torch.float32 or not isinstance(model.lm_head, KernelLinear)
+                or model.embed_tokens.weight.dtype != torch.float32):
             return None
-        layers = []
-        for block in model.layers:
-            attention, mlp = block.self_attn, block.mlp
-            layer = _Layer(block.attn_norm, attention.qkv_proj, attention.o_proj, block.mlp_norm, mlp.up_proj,
-                           mlp.gate_proj, mlp.down_proj)
-            linears = [layer.qkv, layer.o, layer.up, layer.down] + ([layer.gate] if c.activation == "swiglu" else [])
-            if not (isinstance(layer.attn_norm, KernelNorm) and isinstance(layer.mlp_norm, KernelNorm)
-                    and all(isinstance(linear, KernelLinear) for linear in linears)):
-                return None
-            layers.append(layer)
-        return cls(model, layers, cache, kernels)
+        norms = [model.norm] + [n for block in model.layers for n in (block.attn_norm, block.mlp_norm)]
+        linears = [linear for block in model.layers for linear in (
+            block.self_attn.qkv_proj, block.self_attn.o_proj, block.mlp.up_proj, block.mlp.down_proj)]
+        gates = [block.mlp.gate_proj for block in model.layers]
+        if not (_norms_alike(norms) and all(isinstance(linear, KernelLinear) for linear in linears)
+                and all(isinstance(g, KernelLinear) if c.activation == "swiglu" else g is None for g in gates)):
+            return None
+        return cls(model, cache, kernels)
 
-    def norm(self, norm: KernelNorm, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.kernels.norm(x.data_ptr(), norm.weight.data_ptr(), _pointer(norm.bias), y.data_ptr(), x.shape[0],
-                          x.shape[1], norm.eps, norm.rms, self.threads)
-
-    def linear(self, layer: KernelLinear, x: torch.Tensor, y: torch.Tensor, mul: torch.Tensor | None = None,
-               residual: torch.Tensor | None = None, activation: int = _NO_ACTIVATION) -> None:
-        """y = residual + activation(x W^T + b) * mul, each part optional."""
-        self.kernels.linear(x.data_ptr(), layer.packed.data_ptr(), _pointer(layer.bias), y.data_ptr(), x.shape[0],
-                            layer.in_features, layer.out_features, self.threads, _pointer(mul), _pointer(residual),
-                            activation)
-
-    @torch.inference_mode()
     def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each of cache rows 0..B-1 (position -1: a row along as padding); returns (B, V) logits."""
-        B, kv_len = len(tokens), max(positions) + 1
-        H, Hkv, D = self.heads, self.kv_heads, self.head_dim
-        self.threads = torch.get_num_threads()
-        position = torch.tensor(positions)[:, None]  # (B, 1)
-        x = self.model.embed(torch.tensor(tokens)[:, None], position).view(B, -1)  # (B, C)
-        mid, h, qkv, attn, ff = (t[:B] for t in (self.mid, self.h, self.qkv, self.attn, self.ff))
-        gated = self.gated[:B] if self.gated is not None else None
-        allowed = (self.slots[:kv_len] <= position.clamp(min=0)).view(torch.uint8)  # (B, S): as the model's mask
-        write_index = self.cache.write_index(None, position)  # (B * Hkv,)
-        scores = torch.empty(self.threads * kv_len)
-        rope = self.model.rope
-        for layer, (k_cache, v_cache) in zip(self.layers, self.kv_at):
-            self.norm(layer.attn_norm, x, h)
-            self.linear(layer.qkv, h, qkv)  # (B, (H + 2 Hkv) D): q heads, k heads, v heads
-            if rope is not None:  # q and k: the row's first H + Hkv heads
-                self.kernels.rope(qkv.data_ptr(), B, qkv.shape[1], H + Hkv, D, rope.data_ptr(), position.data_ptr())
-            k_at, v_at = qkv.data_ptr() + 4 * H * D, qkv.data_ptr() + 4 * (H + Hkv) * D  # float32: 4 bytes
-            self.kernels.write_kv(k_cache, v_cache, write_index.data_ptr(), k_at, v_at,
-                                  B, Hkv, 1, D, qkv.shape[1], D, D, qkv.shape[1], D, D)
-            self.kernels.decode_attention(qkv.data_ptr(), k_cache, v_cache, allowed.data_ptr(),
-                                          attn.data_ptr(), B, H, Hkv, kv_len, D, *self.kv_strides, qkv.shape[1],
-                                          D ** -0.5, scores.data_ptr(), self.threads)
-            self.linear(layer.o, attn, mid, residual=x)
-            self.norm(layer.mlp_norm, mid, h)
-            if layer.gate is not None:  # SwiGLU: down(silu(gate(h)) * up(h))
-                self.linear(layer.gate, h, gated, activation=_SILU)
-                self.linear(layer.up, h, ff, mul=gated)
-            else:
-                self.linear(layer.up, h, ff, activation=self.activation)
-            self.linear(layer.down, ff, x, residual=mid)
-        self.norm(self.model.norm, x, h)
-        logits = torch.empty(B, self.model.lm_head.out_features)  # fresh: the caller keeps it past the next step
-        self.linear(self.model.lm_head, h, logits)
+        B = len(tokens)
+        ids = torch.tensor(tokens + positions, dtype=torch.int64)  # (2B,): the tokens, then their positions
+        logits = torch.empty(B, self.vocab)  # fresh: the caller keeps it past the next step
+        at = ids.data_ptr()
+        self.step(self.address, at, at + 8 * B, B, max(positions) + 1, logits.data_ptr(), torch.get_num_threads())
         return logits

@@ -43,7 +43,7 @@ from model.model import Attention, FeedForward, RMSNorm
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels") / "cpu.c"
+SOURCES = [Path(__file__).with_name("kernels") / name for name in ("cpu.h", "cpu.c", "decode_step.c")]
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 _pointer, _int64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
@@ -53,6 +53,7 @@ _SIGNATURES = {
     "lmserve_write_kv_f32": [_pointer] * 5 + [_int64] * 10,
     "lmserve_norm_f32": [_pointer] * 4 + [_int64] * 2 + [ctypes.c_float, ctypes.c_int, ctypes.c_int],
     "lmserve_rope_f32": [_pointer] + [_int64] * 4 + [_pointer] * 2,
+    "lmserve_decode_step_f32": [_pointer] * 3 + [_int64] * 2 + [_pointer, ctypes.c_int],
 }
 ACTIVATIONS = {"gelu_tanh": 1, "swiglu": 2, "relu": 3}  # ModelConfig.activation -> the kernels' ACT_ kind
 
@@ -63,7 +64,7 @@ def kernel_dir() -> Path:
 
 
 def library_name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(CFLAGS).encode()).hexdigest()[:16]
     return f"cpu-{digest}.so"
 
 
@@ -82,7 +83,8 @@ def build(directory: Path, compiler: str | None = None) -> Path:
     target = directory / library_name()
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         partial = Path(scratch) / target.name
-        done = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, text=True)
+        sources = [str(s) for s in SOURCES if s.suffix == ".c"]
+        done = subprocess.run([compiler, *CFLAGS, *sources, "-o", str(partial)], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
         os.replace(partial, target)
@@ -99,6 +101,7 @@ class CpuKernels:
     write_kv: ctypes._CFuncPtr
     norm: ctypes._CFuncPtr
     rope: ctypes._CFuncPtr
+    decode_step: ctypes._CFuncPtr
 
     def __deepcopy__(self, memo: dict) -> CpuKernels:
         return self

@@ -5,7 +5,7 @@ similar lengths), then one decode forward over cache rows 0..m, where m is the h
 in that block that are not decoding this step (still prefilling) ride along as padding (position -1), so
 decode never gathers cache rows. On CUDA the decode forward is captured as CUDA graphs for a few bucketed
 batch sizes and replayed; on CPU float32 models run on our own kernels (service/cpu_kernels.py), and decode steps of
-decoder-only pre-norm models run as a fixed list of kernel calls (service/cpu_decode.py).
+decoder-only pre-norm models run as one call into the kernels (service/cpu_decode.py).
 """
 
 from __future__ import annotations

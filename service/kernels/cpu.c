@@ -23,16 +23,20 @@
  * lmserve_write_kv_f32: a pass's new keys and values into their KV-cache slots (a row copy per head and token,
  * where PyTorch's index_put_ spends ~20 us per call on indexing).
  *
- * lmserve_norm_f32, lmserve_rope_f32: LayerNorm / RMSNorm and rotary embeddings, so that the CPU decode step
- * (service/cpu_decode.py) is a list of kernel calls.
+ * lmserve_norm_f32, lmserve_rope_f32: LayerNorm / RMSNorm and rotary embeddings.
  *
- * Built by service/cpu_kernels.py:  cc -O3 -mavx2 -mfma -ffp-contract=off -fopenmp -shared -fPIC cpu.c
+ * Each exported kernel is one OpenMP parallel region around a *_team function (cpu.h), which decode_step.c
+ * chains into a whole decode step in one region.
+ *
+ * Built by service/cpu_kernels.py:  cc -O3 -mavx2 -mfma -ffp-contract=off -fopenmp -shared -fPIC cpu.c decode_step.c
  */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "cpu.h"
 
 /* The lane sums of four accumulators as one vector: [sum(a0), sum(a1), sum(a2), sum(a3)]. */
 static inline __m128 lane_sums(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
@@ -66,8 +70,6 @@ static inline __m256 gated8(__m256 x, __m256 a, __m256 b) {
     const __m256 z = _mm256_mul_ps(x, _mm256_fmadd_ps(_mm256_mul_ps(b, x), x, a));
     return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), z))));
 }
-
-enum { ACT_NONE = 0, ACT_GELU_TANH = 1, ACT_SILU = 2, ACT_RELU = 3 };
 
 static inline __m256 activate8(__m256 x, int act) {
     switch (act) {
@@ -111,13 +113,6 @@ static inline void store_panel(float *y, __m256 a0, __m256 a1, const float *bias
         _mm256_maskstore_ps(y + 8, m1, a1);
     }
 }
-
-/* What a linear layer may do with its outputs (sum + bias) before they leave: activation, * mul, + residual.
- * mul and residual are (rows, out) like y, or NULL. */
-typedef struct {
-    const float *mul, *residual;
-    int act;
-} Epilogue;
 
 /* y = residual + act(y) * mul over a tile of `rows` rows x `cols` (<= 16) outputs, in place; y, mul and residual
  * point at the tile's first element, rows `stride` apart. Not inlined, so that its constants and pointers take
@@ -195,9 +190,9 @@ static inline __attribute__((always_inline)) void wide_tile(const float *panels,
 /* 1 to 3 activation rows (R), G panels at a time over the whole inner dimension: G memory streams per core,
  * where one stream (a single panel tile) reads 10-25% slower. */
 static void few_rows(const float *x, const float *w, const float *bias, const Epilogue *e, float *y, int64_t in,
-                     int64_t out, int threads, const int R, const int G) {
+                     int64_t out, const int R, const int G) {
     const int64_t panels = (out + PANEL - 1) / PANEL, groups = (panels + G - 1) / G;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; g++) {
         const int64_t p = g * G;
         if (p + G <= panels) {
@@ -211,19 +206,14 @@ static void few_rows(const float *x, const float *w, const float *bias, const Ep
     }
 }
 
-/* y = residual + act(x @ w^T + bias) * mul: x (rows, in) contiguous; w packed (ceil(out / 16), in, 16); bias (out),
- * mul and residual (rows, out), each NULL when absent; act an ACT_ kind; y (rows, out), which must not overlap
- * x, mul or residual. */
-void lmserve_linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t rows, int64_t in,
-                        int64_t out, int threads, const float *mul, const float *residual, int act) {
-    const Epilogue epilogue = {mul, residual, act}, *e = mul || residual || act ? &epilogue : 0;
+void linear_team(const float *x, const float *w, const float *bias, const Epilogue *e, float *y, int64_t rows,
+                 int64_t in, int64_t out) {
     switch (rows) {
-        case 1: few_rows(x, w, bias, e, y, in, out, threads, 1, 4); return;
-        case 2: few_rows(x, w, bias, e, y, in, out, threads, 2, 3); return;
-        case 3: few_rows(x, w, bias, e, y, in, out, threads, 3, 2); return;
+        case 1: few_rows(x, w, bias, e, y, in, out, 1, 4); return;
+        case 2: few_rows(x, w, bias, e, y, in, out, 2, 3); return;
+        case 3: few_rows(x, w, bias, e, y, in, out, 3, 2); return;
     }
     const int64_t panels = (out + PANEL - 1) / PANEL;
-#pragma omp parallel num_threads(threads)
     for (int64_t m0 = 0; m0 < rows; m0 += ROW_BLOCK) {
         const int64_t m1 = m0 + ROW_BLOCK < rows ? m0 + ROW_BLOCK : rows;
 #pragma omp for schedule(static) nowait
@@ -258,6 +248,17 @@ void lmserve_linear_f32(const float *x, const float *w, const float *bias, float
             }
         }
     }
+#pragma omp barrier
+}
+
+/* y = residual + act(x @ w^T + bias) * mul: x (rows, in) contiguous; w packed (ceil(out / 16), in, 16); bias (out),
+ * mul and residual (rows, out), each NULL when absent; act an ACT_ kind; y (rows, out), which must not overlap
+ * x, mul or residual. */
+void lmserve_linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t rows, int64_t in,
+                        int64_t out, int threads, const float *mul, const float *residual, int act) {
+    const Epilogue epilogue = {mul, residual, act}, *e = mul || residual || act ? &epilogue : 0;
+#pragma omp parallel num_threads(threads)
+    linear_team(x, w, bias, e, y, rows, in, out);
 }
 
 /* ---- activations and norms ------------------------------------------------------------------------------- */
@@ -292,9 +293,9 @@ static inline float row_sum(const float *x, int64_t n, float c, int squared) {
 
 /* LayerNorm ((x - mean) / sqrt(var + eps) * weight + bias; bias may be NULL) or, with rms, RMSNorm
  * (weight * (x / sqrt(mean(x^2) + eps))) of each row: x and y (rows, dim), contiguous. */
-void lmserve_norm_f32(const float *x, const float *weight, const float *bias, float *y, int64_t rows, int64_t dim,
-                      float eps, int rms, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (rows * dim >= 65536)
+void norm_team(const float *x, const float *weight, const float *bias, float *y, int64_t rows, int64_t dim, float eps,
+               int rms) {
+#pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * dim;
         float *yr = y + r * dim;
@@ -307,24 +308,33 @@ void lmserve_norm_f32(const float *x, const float *weight, const float *bias, fl
     }
 }
 
-/* Rotary embedding in place, Llama's half-split layout: for each row b (stride row_stride) and each of `heads`
- * heads of dim D from the row's start, x = x * cos + rotate_half(x) * sin, at the row's position's cos and sin
- * (table (P, 2, D)); a negative position (padding) counts as 0. Rounds as PyTorch's apply_rope does (built with
+void lmserve_norm_f32(const float *x, const float *weight, const float *bias, float *y, int64_t rows, int64_t dim,
+                      float eps, int rms, int threads) {
+#pragma omp parallel num_threads(threads) if (rows * dim >= 65536)
+    norm_team(x, weight, bias, y, rows, dim, eps, rms);
+}
+
+/* Rotary embedding in place, Llama's half-split layout: for each of `heads` heads of dim D from x,
+ * x = x * cos + rotate_half(x) * sin at `position`'s cos and sin (table (P, 2, D)); a negative position (padding)
+ * counts as 0. Rounds as PyTorch's apply_rope does (built with
  * -ffp-contract=off: no product is fused into a sum), so a decode step rotates exactly as a prompt pass. */
-void lmserve_rope_f32(float *x, int64_t rows, int64_t row_stride, int64_t heads, int64_t D, const float *table,
-                      const int64_t *positions) {
+void rope_row(float *x, int64_t heads, int64_t D, const float *table, int64_t position) {
     const int64_t half = D / 2;
-    for (int64_t b = 0; b < rows; b++) {
-        const float *cosine = table + (positions[b] > 0 ? positions[b] : 0) * 2 * D, *sine = cosine + D;
-        for (int64_t h = 0; h < heads; h++) {
-            float *v = x + b * row_stride + h * D;
-            for (int64_t i = 0; i < half; i++) {
-                const float x1 = v[i], x2 = v[i + half];
-                v[i] = x1 * cosine[i] + -x2 * sine[i];  /* -ffp-contract=off: two products, then the sum */
-                v[i + half] = x2 * cosine[i + half] + x1 * sine[i + half];
-            }
+    const float *cosine = table + (position > 0 ? position : 0) * 2 * D, *sine = cosine + D;
+    for (int64_t h = 0; h < heads; h++) {
+        float *v = x + h * D;
+        for (int64_t i = 0; i < half; i++) {
+            const float x1 = v[i], x2 = v[i + half];
+            v[i] = x1 * cosine[i] + -x2 * sine[i];  /* -ffp-contract=off: two products, then the sum */
+            v[i + half] = x2 * cosine[i + half] + x1 * sine[i + half];
         }
     }
+}
+
+/* rope_row for each row b (stride row_stride) at positions[b] */
+void lmserve_rope_f32(float *x, int64_t rows, int64_t row_stride, int64_t heads, int64_t D, const float *table,
+                      const int64_t *positions) {
+    for (int64_t b = 0; b < rows; b++) rope_row(x + b * row_stride, heads, D, table, positions[b]);
 }
 
 /* ---- decode attention ---------------------------------------------------------------------------------- */
@@ -348,40 +358,45 @@ static inline void axpy(float p, const float *x, float *y, int64_t n) {
 }
 
 /* softmax(q k^T * scale, masked) v for one query per (sequence b, head h):
- * q (B, H, D) with row stride q_stride (heads contiguous within a row); key/value (b, g, s, :) at k/v + b*stride_b + g*stride_h + s*stride_s, where
- * g = h / (H / Hkv) is the head's key/value group; mask (B, S) bytes, nonzero = may attend (at least one per
- * row); y (B, H, D). `scores` holds S floats per thread. */
+ * q (B, H, D) with row stride q_stride (heads contiguous within a row); key/value (b, g, s, :) at
+ * k/v + b*stride_b + g*stride_h + s*stride_s, where g = h / (H / Hkv) is the head's key/value group; mask (B, S)
+ * bytes, nonzero = may attend (at least one per row); y (B, H, D). `p`: S floats of this thread's. */
+void attention_team(const float *q, const float *k, const float *v, const uint8_t *mask, float *y, int64_t B,
+                    int64_t H, int64_t Hkv, int64_t S, int64_t D, int64_t stride_b, int64_t stride_h,
+                    int64_t stride_s, int64_t q_stride, float scale, float *p) {
+    const int64_t group = H / Hkv;
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        const int64_t b = bh / H, g = (bh % H) / group;
+        const float *qh = q + b * q_stride + (bh % H) * D;
+        const float *kh = k + b * stride_b + g * stride_h, *vh = v + b * stride_b + g * stride_h;
+        const uint8_t *allowed = mask + b * S;
+        float top = -INFINITY, total = 0.0f;
+        for (int64_t s = 0; s < S; s++) {
+            p[s] = allowed[s] ? dot(qh, kh + s * stride_s, D) * scale : -INFINITY;
+            top = p[s] > top ? p[s] : top;
+        }
+        float *out = y + bh * D;
+        for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
+        for (int64_t s = 0; s < S; s++) {
+            if (!allowed[s]) continue;
+            const float e = expf(p[s] - top);
+            total += e;
+            axpy(e, vh + s * stride_s, out, D);
+        }
+        const float inv = 1.0f / total;
+        for (int64_t d = 0; d < D; d++) out[d] *= inv;
+    }
+}
+
+/* `scores` holds S floats per thread. */
 void lmserve_decode_attention_f32(const float *q, const float *k, const float *v, const uint8_t *mask, float *y,
                                   int64_t B, int64_t H, int64_t Hkv, int64_t S, int64_t D, int64_t stride_b,
                                   int64_t stride_h, int64_t stride_s, int64_t q_stride, float scale, float *scores,
                                   int threads) {
-    const int64_t group = H / Hkv;
 #pragma omp parallel num_threads(threads)
-    {
-        float *p = scores + (int64_t)omp_get_thread_num() * S;
-#pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < B * H; bh++) {
-            const int64_t b = bh / H, g = (bh % H) / group;
-            const float *qh = q + b * q_stride + (bh % H) * D;
-            const float *kh = k + b * stride_b + g * stride_h, *vh = v + b * stride_b + g * stride_h;
-            const uint8_t *allowed = mask + b * S;
-            float top = -INFINITY, total = 0.0f;
-            for (int64_t s = 0; s < S; s++) {
-                p[s] = allowed[s] ? dot(qh, kh + s * stride_s, D) * scale : -INFINITY;
-                top = p[s] > top ? p[s] : top;
-            }
-            float *out = y + bh * D;
-            for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
-            for (int64_t s = 0; s < S; s++) {
-                if (!allowed[s]) continue;
-                const float e = expf(p[s] - top);
-                total += e;
-                axpy(e, vh + s * stride_s, out, D);
-            }
-            const float inv = 1.0f / total;
-            for (int64_t d = 0; d < D; d++) out[d] *= inv;
-        }
-    }
+    attention_team(q, k, v, mask, y, B, H, Hkv, S, D, stride_b, stride_h, stride_s, q_stride, scale,
+                   scores + (int64_t)omp_get_thread_num() * S);
 }
 
 /* ---- KV-cache writes ------------------------------------------------------------------------------------- */

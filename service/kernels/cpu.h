@@ -1,0 +1,34 @@
+/* What the kernels (cpu.c) share with the fused decode step (decode_step.c).
+ *
+ * The *_team functions are to be called by every thread of an OpenMP parallel region: each splits its work over
+ * the team with orphaned worksharing and returns after a barrier, so one region can run a whole decode step. The
+ * exported lmserve_* kernels are each a parallel region around one of them.
+ */
+#pragma once
+#include <stdint.h>
+
+enum { ACT_NONE = 0, ACT_GELU_TANH = 1, ACT_SILU = 2, ACT_RELU = 3 };
+
+/* What a linear layer may do with its outputs (sum + bias) before they leave: activation, * mul, + residual.
+ * mul and residual are (rows, out) like y, or NULL. */
+typedef struct {
+    const float *mul, *residual;
+    int act;
+} Epilogue;
+
+/* y = epilogue(x @ w^T + bias), as lmserve_linear_f32 (e NULL: plain) */
+void linear_team(const float *x, const float *w, const float *bias, const Epilogue *e, float *y, int64_t rows,
+                 int64_t in, int64_t out);
+
+/* LayerNorm / RMSNorm of each row, as lmserve_norm_f32 */
+void norm_team(const float *x, const float *weight, const float *bias, float *y, int64_t rows, int64_t dim, float eps,
+               int rms);
+
+/* one query per (sequence, head) against the KV cache, as lmserve_decode_attention_f32; `scores`: this thread's
+ * S floats */
+void attention_team(const float *q, const float *k, const float *v, const uint8_t *mask, float *y, int64_t B,
+                    int64_t H, int64_t Hkv, int64_t S, int64_t D, int64_t stride_b, int64_t stride_h,
+                    int64_t stride_s, int64_t q_stride, float scale, float *scores);
+
+/* rotary embedding of `heads` consecutive heads of dim D at x, at `position`, as lmserve_rope_f32 */
+void rope_row(float *x, int64_t heads, int64_t D, const float *table, int64_t position);
