@@ -9,7 +9,7 @@ ARG TORCH_SPEC=torch==2.13.0
 # optional extra places for pip to look (a local wheel server, a mirror)
 ARG PIP_FIND_LINKS=""
 ARG PIP_INDEX_URL=""
-# 1: build lmserve's CPU kernels (service/kernels/cpu.c) into the image with a throwaway compiler
+# 1: build lmserve's CPU kernels (service/kernels/*.c) into the image with a throwaway compiler
 ARG CPU_KERNEL=1
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
