@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from model.model import entropy, log_probs
+from service.cpu_kernels import argmax
 
 MAX_LOGPROBS = 20
 # temperatures below this are sampled greedily: logits / T would overflow and the distribution is one-hot anyway
@@ -209,7 +210,7 @@ def _sample_rows(logits: torch.Tensor, rows: Sequence[RowState],
         logits = _min_p(logits, _per_row([p.min_p for p in params], device))
     # exponential race: argmax p_i / E_i, taken in log space so the softmax's normaliser is not even needed
     noise = _exponential_noise(rows, logits.shape[-1], device, default_generator)  # (S, V)
-    return (logits - noise.log()).argmax(dim=-1)  # (S,)
+    return argmax(logits - noise.log())  # (S,)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -232,12 +233,12 @@ def sample(logits: torch.Tensor, rows: Sequence[RowState],
     greedy = [i for i, row in enumerate(rows) if row.params.temperature < MIN_TEMPERATURE]
     sampled = [i for i, row in enumerate(rows) if row.params.temperature >= MIN_TEMPERATURE]
     if not sampled:
-        token_ids = penalised.argmax(dim=-1)  # (B,)
+        token_ids = argmax(penalised)  # (B,)
     else:
         token_ids = torch.empty(len(rows), dtype=torch.long, device=device)  # (B,)
         if greedy:
             greedy_index = torch.tensor(greedy, device=device)
-            token_ids[greedy_index] = penalised[greedy_index].argmax(dim=-1)
+            token_ids[greedy_index] = argmax(penalised[greedy_index])
         sampled_index = torch.tensor(sampled, device=device)
         token_ids[sampled_index] = _sample_rows(penalised[sampled_index], [rows[i] for i in sampled],
                                                 default_generator)

@@ -285,3 +285,22 @@ def test_cache_writer_puts_rows_where_index_put_does(kernel):
     half = [c.bfloat16() for c in caches[:2]]
     assert not write(*half, index, k.bfloat16(), v.bfloat16())  # the cache falls back to index_put_
     assert not write(caches[0], caches[1], index, k.transpose(2, 3), v.transpose(2, 3))  # rows not contiguous
+
+
+@needs_kernels
+@pytest.mark.parametrize("width", [1, 7, 8, 9, 50257])
+def test_argmax_picks_what_torch_argmax_picks(kernel, width):
+    g = torch.Generator().manual_seed(width)
+    rows = torch.randn(12, width, generator=g)
+    rows[1] = torch.randint(0, 3, (width,), generator=g).float()  # ties: the first largest wins
+    rows[2] = float("-inf")
+    rows[3, width // 2] = float("nan")  # a NaN counts as the largest, the first of them
+    rows[3, -1] = float("nan")
+    rows[4, -1] = 100.0  # the largest in the tail past the last full vector
+    rows[5, 0] = 100.0
+    rows[6] = rows[6].clamp(max=0.5)  # many equal maxima spread over every lane
+    rows[7, :] = float("nan")
+    got = cpu_kernels.argmax(rows)
+    assert got.dtype == torch.long and torch.equal(got, rows.argmax(dim=-1))
+    assert torch.equal(cpu_kernels.argmax(rows[3:4]), rows[3:4].argmax(dim=-1))  # one row: no threads
+    assert torch.equal(cpu_kernels.argmax(rows.double()), rows.double().argmax(dim=-1))  # other dtypes: PyTorch's
