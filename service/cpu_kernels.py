@@ -53,7 +53,6 @@ _SIGNATURES = {
     "lmserve_decode_attention_f32": [_pointer] * 5 + [_int64] * 9 + [ctypes.c_float, _pointer, ctypes.c_int],
     "lmserve_write_kv_f32": [_pointer] * 5 + [_int64] * 10,
     "lmserve_norm_f32": [_pointer] * 4 + [_int64] * 2 + [ctypes.c_float, ctypes.c_int, ctypes.c_int],
-    "lmserve_rope_f32": [_pointer] + [_int64] * 4 + [_pointer] * 2,
     "lmserve_decode_step_f32": [_pointer] * 3 + [_int64] * 2 + [_pointer, ctypes.c_int],
     "lmserve_argmax_f32": [_pointer] + [_int64] * 2 + [_pointer, ctypes.c_int],
 }
@@ -102,7 +101,6 @@ class CpuKernels:
     decode_attention: ctypes._CFuncPtr
     write_kv: ctypes._CFuncPtr
     norm: ctypes._CFuncPtr
-    rope: ctypes._CFuncPtr
     decode_step: ctypes._CFuncPtr
     argmax: ctypes._CFuncPtr
 

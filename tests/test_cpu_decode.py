@@ -1,4 +1,4 @@
-"""The CPU decode step (kernel calls on preallocated buffers) gives bit for bit the logits and the KV cache of the
+"""The CPU decode step (the whole step in one C call) gives bit for bit the logits and the KV cache of the
 model's own forward pass on the same kernels, and stands aside for models it doesn't cover."""
 
 from __future__ import annotations

@@ -25,7 +25,7 @@
  * lmserve_write_kv_f32: a pass's new keys and values into their KV-cache slots (a row copy per head and token,
  * where PyTorch's index_put_ spends ~20 us per call on indexing).
  *
- * lmserve_norm_f32, lmserve_rope_f32: LayerNorm / RMSNorm and rotary embeddings.
+ * lmserve_norm_f32: LayerNorm / RMSNorm; rope_row (the decode step's): rotary embeddings.
  *
  * Each exported kernel is one OpenMP parallel region around a *_team function (cpu.h), which decode_step.c
  * chains into a whole decode step in one region.
@@ -363,12 +363,6 @@ void rope_row(float *x, int64_t heads, int64_t D, const float *table, int64_t po
             v[i + half] = x2 * cosine[i + half] + x1 * sine[i + half];
         }
     }
-}
-
-/* rope_row for each row b (stride row_stride) at positions[b] */
-void lmserve_rope_f32(float *x, int64_t rows, int64_t row_stride, int64_t heads, int64_t D, const float *table,
-                      const int64_t *positions) {
-    for (int64_t b = 0; b < rows; b++) rope_row(x + b * row_stride, heads, D, table, positions[b]);
 }
 
 /* ---- decode attention ---------------------------------------------------------------------------------- */

@@ -30,5 +30,5 @@ void attention_team(const float *q, const float *k, const float *v, const uint8_
                     int64_t H, int64_t Hkv, int64_t S, int64_t D, int64_t stride_b, int64_t stride_h,
                     int64_t stride_s, int64_t q_stride, float scale, float *scores);
 
-/* rotary embedding of `heads` consecutive heads of dim D at x, at `position`, as lmserve_rope_f32 */
+/* rotary embedding of `heads` consecutive heads of dim D at x, at `position`, as the model's apply_rope */
 void rope_row(float *x, int64_t heads, int64_t D, const float *table, int64_t position);

@@ -29,7 +29,7 @@ typedef struct {
     float norm_eps, attn_scale, embed_scale;
     int32_t rms, act;                       /* RMSNorm (else LayerNorm); the ACT_ applied to up (or gate, if any) */
     const float *token_embedding;           /* (vocab, hidden) */
-    const float *position_embedding;        /* (positions, hidden): learned or sinusoidal; NULL with rope */
+    const float *position_embedding;        /* (positions, hidden): learned or sinusoidal; NULL if none */
     const float *rope;                      /* (positions, 2, D) cos and sin; NULL without */
     const float *norm_weight, *norm_bias, *lm_head, *lm_head_bias;
     const StepLayer *layer;
