@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from model import memory
 from model.config import ModelConfig
 
 
@@ -43,9 +44,13 @@ class KVCache:
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         layers, heads, head_dim = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
         shape = (layers, batch_size, heads, max_seq_len + 1, head_dim)  # +1: the padding sink slot
-        # zeros, not empty: a padding query attends to slot 0, which must hold finite numbers
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # zeros, not empty: a padding query attends to slot 0, which must hold finite numbers; on the CPU on 2 MiB
+        # pages (model/memory.py): every decode step reads the cache from memory
+        if torch.device(device).type == "cpu":
+            self.k, self.v = memory.zeros(shape, dtype), memory.zeros(shape, dtype)
+        else:
+            self.k = torch.zeros(shape, device=device, dtype=dtype)
+            self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.cross_k = self.cross_v = self.source_lengths = None
         if config.is_encoder_decoder:
             src_len = max_source_len or config.max_position_embeddings

@@ -1,4 +1,4 @@
-"""Our float32 CPU kernels (service/kernels/cpu.c), built with the system C compiler on first use: linear
+"""Our float32 CPU kernels (service/kernels/*.c), built with the system C compiler on first use: linear
 layers, norms, the feed-forward activation, rotary embeddings, one-query attention, KV-cache writes, argmax and a
 whole decode step in one call (kernels/decode_step.c, driven by service/cpu_decode.py).
 
@@ -13,8 +13,9 @@ whatever the number of rows, so a sequence's numbers are bit-identical alone or 
 pass or a decode step. `python bench/cpu_kernels.py` measures it against oneDNN and PyTorch's `F.linear`.
 
 The activation kernel computes tanh-GELU, SiLU or ReLU in one vectorized pass. Decode attention (one query per
-sequence) reads each sequence's keys and values once, in place in the KV cache: 0.4 ms per layer for 32
-sequences of 65 tokens (GPT-2 small shape) against 1.0 ms for PyTorch's CPU SDPA, which is made for long queries.
+sequence) reads each sequence's keys and values once, in place in the KV cache, 4 heads side by side: 0.4 ms per
+layer for 32 sequences of 65 tokens (GPT-2 small shape) against 1.0 ms for PyTorch's CPU SDPA, which is made for
+long queries.
 
 The compiled library is cached under `$LMSERVE_KERNEL_DIR` (default `~/.cache/lmserve/kernels`), named by a
 hash of the source and flags. Where it cannot be built or run (no compiler, no AVX2, not x86-64), the model
@@ -40,11 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import memory
 from model.model import Attention, FeedForward, RMSNorm
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("kernels") / name for name in ("cpu.h", "cpu.c", "decode_step.c")]
+SOURCES = [Path(__file__).with_name("kernels") / name
+           for name in ("cpu.h", "cpu.c", "attention.c", "decode_step.c")]
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 _pointer, _int64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
@@ -134,6 +137,7 @@ def kernels() -> CpuKernels | None:
 
 
 PANEL = 16  # outputs per packed panel (the kernel's PANEL)
+HEADS_AT_ONCE = 4  # heads attended side by side (cpu.h's HEADS_AT_ONCE): 4 rows of scores per thread
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -142,7 +146,8 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     out, features = weight.shape
     panels = -(-out // PANEL)
     padded = F.pad(weight.detach(), (0, 0, 0, panels * PANEL - out))  # (panels * 16, in)
-    return padded.view(panels, PANEL, features).transpose(1, 2).contiguous()
+    packed = memory.zeros((panels, features, PANEL), weight.dtype)  # on 2 MiB pages: decoding streams it
+    return packed.copy_(padded.view(panels, PANEL, features).transpose(1, 2))
 
 
 def unpack(packed: torch.Tensor, out: int) -> torch.Tensor:
@@ -242,7 +247,7 @@ class DecodeAttention:
         allowed = mask.reshape(B, S).contiguous().view(torch.uint8)  # (B, S)
         y = torch.empty_like(q)  # (B, H, 1, D)
         threads = torch.get_num_threads()
-        scores = torch.empty(threads * S)
+        scores = torch.empty(threads * HEADS_AT_ONCE * S)
         self.kernels.decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), allowed.data_ptr(), y.data_ptr(),
                                       B, H, k.shape[1], S, D, k.stride(0), k.stride(1), k.stride(2), H * D, D ** -0.5,
                                       scores.data_ptr(), threads)

@@ -245,7 +245,8 @@ def cache_views(batch: int, kv_heads: int, slots: int, head_dim: int) -> tuple[t
 
 
 @needs_kernels
-@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 16), (4, 2, 8), (6, 1, 13), (12, 12, 64)])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 16), (4, 2, 8), (6, 1, 13), (12, 12, 64), (7, 1, 8),
+                                                      (5, 5, 24)])
 def test_decode_attention_computes_what_sdpa_computes(kernel, heads, kv_heads, head_dim):
     torch.manual_seed(0)
     batch, slots = 5, 37
@@ -259,6 +260,10 @@ def test_decode_attention_computes_what_sdpa_computes(kernel, heads, kv_heads, h
     torch.testing.assert_close(attend(q, k, v, mask), expected, rtol=1e-5, atol=1e-5)
     alone = torch.cat([attend(q[i:i + 1], k[i:i + 1], v[i:i + 1], mask[i:i + 1]) for i in range(batch)])
     assert torch.equal(attend(q, k, v, mask), alone)  # bit-identical whatever else is in the batch
+    group = heads // kv_heads  # heads are attended several at a time: each one's numbers are as if alone
+    one_by_one = torch.cat([attend(q[:, h:h + 1], k[:, h // group:h // group + 1], v[:, h // group:h // group + 1],
+                                   mask) for h in range(heads)], dim=1)
+    assert torch.equal(attend(q, k, v, mask), one_by_one)
 
 
 @needs_kernels

@@ -6,10 +6,10 @@
  * - 4 activation rows and up: BLIS-style micro-tiles of up to 6 rows x 16 outputs (12 accumulators +
  *   2 weight vectors + 1 broadcast = 15 of the 16 AVX registers), the inner dimension in blocks of 256 so a
  *   block of a panel (16 KiB) stays in L1 for every tile, up to 192 rows per pass over the weights so they
- *   stay in L2, the next block prefetched into L2 while a block's tiles compute. The activations are first
- *   copied tile by tile in the order the tiles read them (one stream per tile, not one per row: 0.95x the time
- *   at 32 rows), and the inner loop is unrolled 4 times (0.91x at 128 rows). The rows are split into tiles of
- *   near-equal height (32 rows: 6+6+5+5+5+5, not 6x5+2).
+ *   stay in L2, the next block prefetched into L2 a share per tile while a block's tiles compute. The
+ *   activations are first copied tile by tile in the order the tiles read them (one stream per tile, not one
+ *   per row: 0.95x the time at 32 rows), and the inner loop is unrolled 4 times (0.91x at 128 rows). The rows
+ *   are split into tiles of near-equal height (32 rows: 6+6+5+5+5+5, not 6x5+2).
  * - 1 to 3 rows (a few decoding sequences, where the speed is how fast the weights stream from memory): 4, 3 or
  *   2 panels at a time over the whole inner dimension, for 8-12 independent accumulator chains reading that
  *   many memory streams.
@@ -19,18 +19,17 @@
  * lmserve_activation_f32: GELU (tanh form), SiLU or ReLU in one vectorized pass (also a linear layer's
  * epilogue, with a bias, a multiplier and a residual).
  *
- * lmserve_decode_attention_f32: one query per (sequence, head) against that sequence's cached keys and
- * values, read once, in place in the KV cache.
- *
- * lmserve_write_kv_f32: a pass's new keys and values into their KV-cache slots (a row copy per head and token,
- * where PyTorch's index_put_ spends ~20 us per call on indexing).
- *
  * lmserve_norm_f32: LayerNorm / RMSNorm; rope_row (the decode step's): rotary embeddings.
+ *
+ * lmserve_argmax_f32: the index of each row's largest value, as torch.argmax picks it.
+ *
+ * Decode attention and KV-cache writes are in attention.c.
  *
  * Each exported kernel is one OpenMP parallel region around a *_team function (cpu.h), which decode_step.c
  * chains into a whole decode step in one region.
  *
- * Built by service/cpu_kernels.py:  cc -O3 -mavx2 -mfma -ffp-contract=off -fopenmp -shared -fPIC cpu.c decode_step.c
+ * Built by service/cpu_kernels.py:
+ *     cc -O3 -mavx2 -mfma -ffp-contract=off -fopenmp -shared -fPIC cpu.c attention.c decode_step.c
  */
 #include <immintrin.h>
 #include <math.h>
@@ -40,12 +39,6 @@
 #include <string.h>
 
 #include "cpu.h"
-
-/* The lane sums of four accumulators as one vector: [sum(a0), sum(a1), sum(a2), sum(a3)]. */
-static inline __m128 lane_sums(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
-    __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-}
 
 /* ---- activation math ------------------------------------------------------------------------------------ */
 
@@ -136,12 +129,12 @@ static __attribute__((noinline)) void finish_tile(float *y, const Epilogue *e, i
 
 /* R activation rows (row stride in) times one panel block of kn inner steps into y (row stride out); the
  * running sums live in y between K blocks (first block: start from 0; last: add the bias). R is a constant
- * once inlined, so the accumulators live in registers. `ahead` (or NULL): memory to prefetch into L2, one
- * cache line per inner step. */
+ * once inlined, so the accumulators live in registers. `ahead`: memory to prefetch into L2, one cache line per
+ * inner step for the first `ahead_lines` steps. */
 static inline __attribute__((always_inline)) void panel_tile(const float *panel, const float *x,
                                                              int64_t kn, float *y, int64_t out, int cols,
                                                              const float *bias, int first, int last, const int R,
-                                                             const float *ahead) {
+                                                             const float *ahead, int64_t ahead_lines) {
     __m256i m0, m1;
     panel_masks(cols, &m0, &m1);
     __m256 acc[TILE_ROWS][2];
@@ -153,7 +146,7 @@ static inline __attribute__((always_inline)) void panel_tile(const float *panel,
 #pragma GCC unroll 4
     for (int64_t k = 0; k < kn; k++) {
         const __m256 w0 = _mm256_loadu_ps(panel + k * PANEL), w1 = _mm256_loadu_ps(panel + k * PANEL + 8);
-        if (ahead) _mm_prefetch((const char *)(ahead + k * PANEL), _MM_HINT_T1);  /* PANEL floats = one line */
+        if (k < ahead_lines) _mm_prefetch((const char *)(ahead + k * PANEL), _MM_HINT_T1);  /* PANEL floats: a line */
         for (int r = 0; r < R; r++) {
             const __m256 xr = _mm256_broadcast_ss(x + k * R + r);
             acc[r][0] = _mm256_fmadd_ps(w0, xr, acc[r][0]);
@@ -249,6 +242,11 @@ void linear_team(const float *x, const float *w, const float *bias, const Epilog
     pack_rows(x, xp, rows, in);
     for (int64_t m0 = 0; m0 < rows; m0 += ROW_BLOCK) {
         const int64_t m1 = m0 + ROW_BLOCK < rows ? m0 + ROW_BLOCK : rows;
+        /* while a block's tiles compute, they pull the block this thread multiplies next (the next 16 KiB of
+         * weights: the same panel's next K block, or the next panel's first) into L2, each tile its share of the
+         * lines: spread over the tiles, 0.93-0.98x the time at 32 rows of the first tile prefetching it all (a
+         * prefetch past the end of the weights is harmless) */
+        const int64_t tiles = (m1 - m0 + TILE_ROWS - 1) / TILE_ROWS, share = (K_BLOCK + tiles - 1) / tiles;
 #pragma omp for schedule(static) nowait
         for (int64_t p = 0; p < panels; p++) {
             const int64_t o = p * PANEL;
@@ -258,21 +256,18 @@ void linear_team(const float *x, const float *w, const float *bias, const Epilog
                 const int64_t kn = in - k0 < K_BLOCK ? in - k0 : K_BLOCK;
                 const int first = k0 == 0, last = k0 + kn == in;
                 const float *panel = w + (p * in + k0) * PANEL;
-                for (int64_t m = m0; m < m1;) {
+                for (int64_t m = m0, t = 0; m < m1; t++) {
                     const int height = tile_height(m1 - m);
                     const float *xm = xp + m * in + k0 * height;
                     float *ym = y + m * out + o;
-                    /* the first tile of a block pulls the block this thread multiplies next (the next 16 KiB of
-                     * weights: the same panel's next K block, or the next panel's first) into L2 while the
-                     * tiles compute; a prefetch past the end of the weights is harmless */
-                    const float *ahead = m == m0 ? panel + kn * PANEL : 0;
+                    const float *ahead = panel + (kn + t * share) * PANEL;
                     switch (height) {
-                        case 6: panel_tile(panel, xm, kn, ym, out, cols, b, first, last, 6, ahead); break;
-                        case 5: panel_tile(panel, xm, kn, ym, out, cols, b, first, last, 5, ahead); break;
-                        case 4: panel_tile(panel, xm, kn, ym, out, cols, b, first, last, 4, ahead); break;
-                        case 3: panel_tile(panel, xm, kn, ym, out, cols, b, first, last, 3, ahead); break;
-                        case 2: panel_tile(panel, xm, kn, ym, out, cols, b, first, last, 2, ahead); break;
-                        default: panel_tile(panel, xm, kn, ym, out, cols, b, first, last, 1, ahead); break;
+                        case 6: panel_tile(panel, xm, kn, ym, out, cols, b, first, last, 6, ahead, share); break;
+                        case 5: panel_tile(panel, xm, kn, ym, out, cols, b, first, last, 5, ahead, share); break;
+                        case 4: panel_tile(panel, xm, kn, ym, out, cols, b, first, last, 4, ahead, share); break;
+                        case 3: panel_tile(panel, xm, kn, ym, out, cols, b, first, last, 3, ahead, share); break;
+                        case 2: panel_tile(panel, xm, kn, ym, out, cols, b, first, last, 2, ahead, share); break;
+                        default: panel_tile(panel, xm, kn, ym, out, cols, b, first, last, 1, ahead, share); break;
                     }
                     if (e && last) finish_tile(y, e, m * out + o, out, height, cols);
                     m += height;
@@ -365,68 +360,6 @@ void rope_row(float *x, int64_t heads, int64_t D, const float *table, int64_t po
     }
 }
 
-/* ---- decode attention ---------------------------------------------------------------------------------- */
-
-/* sum(a[i] * b[i]) over n floats: 8 lanes, then the lanes, then the tail */
-static inline float dot(const float *a, const float *b, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    float s = _mm_cvtss_f32(lane_sums(acc, acc, acc, acc));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-/* y += p * x over n floats */
-static inline void axpy(float p, const float *x, float *y, int64_t n) {
-    const __m256 pv = _mm256_set1_ps(p);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] += p * x[i];
-}
-
-/* softmax(q k^T * scale, masked) v for one query per (sequence b, head h):
- * q (B, H, D) with row stride q_stride (heads contiguous within a row); key/value (b, g, s, :) at
- * k/v + b*stride_b + g*stride_h + s*stride_s, where g = h / (H / Hkv) is the head's key/value group; mask (B, S)
- * bytes, nonzero = may attend (at least one per row); y (B, H, D). `p`: S floats of this thread's. */
-void attention_team(const float *q, const float *k, const float *v, const uint8_t *mask, float *y, int64_t B,
-                    int64_t H, int64_t Hkv, int64_t S, int64_t D, int64_t stride_b, int64_t stride_h,
-                    int64_t stride_s, int64_t q_stride, float scale, float *p) {
-    const int64_t group = H / Hkv;
-#pragma omp for schedule(static)
-    for (int64_t bh = 0; bh < B * H; bh++) {
-        const int64_t b = bh / H, g = (bh % H) / group;
-        const float *qh = q + b * q_stride + (bh % H) * D;
-        const float *kh = k + b * stride_b + g * stride_h, *vh = v + b * stride_b + g * stride_h;
-        const uint8_t *allowed = mask + b * S;
-        float top = -INFINITY, total = 0.0f;
-        for (int64_t s = 0; s < S; s++) {
-            p[s] = allowed[s] ? dot(qh, kh + s * stride_s, D) * scale : -INFINITY;
-            top = p[s] > top ? p[s] : top;
-        }
-        float *out = y + bh * D;
-        for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
-        for (int64_t s = 0; s < S; s++) {
-            if (!allowed[s]) continue;
-            const float e = expf(p[s] - top);
-            total += e;
-            axpy(e, vh + s * stride_s, out, D);
-        }
-        const float inv = 1.0f / total;
-        for (int64_t d = 0; d < D; d++) out[d] *= inv;
-    }
-}
-
-/* `scores` holds S floats per thread. */
-void lmserve_decode_attention_f32(const float *q, const float *k, const float *v, const uint8_t *mask, float *y,
-                                  int64_t B, int64_t H, int64_t Hkv, int64_t S, int64_t D, int64_t stride_b,
-                                  int64_t stride_h, int64_t stride_s, int64_t q_stride, float scale, float *scores,
-                                  int threads) {
-#pragma omp parallel num_threads(threads)
-    attention_team(q, k, v, mask, y, B, H, Hkv, S, D, stride_b, stride_h, stride_s, q_stride, scale,
-                   scores + (int64_t)omp_get_thread_num() * S);
-}
-
 /* ---- argmax ---------------------------------------------------------------------------------------------- */
 
 /* The index of the largest of n floats, the first one where several are (a NaN counts as the largest): as
@@ -468,20 +401,4 @@ static int64_t row_argmax(const float *x, int64_t n) {
 void lmserve_argmax_f32(const float *x, int64_t rows, int64_t n, int64_t *out, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows > 1)
     for (int64_t r = 0; r < rows; r++) out[r] = row_argmax(x + r * n, n);
-}
-
-/* ---- KV-cache writes ------------------------------------------------------------------------------------- */
-
-/* k and v (B, H, T, D) at strides (kb, kh, kt, 1) and (vb, vh, vt, 1) into rows index[(b * H + h) * T + t] of
- * k_cache and v_cache, each viewed as (rows, D). */
-void lmserve_write_kv_f32(float *k_cache, float *v_cache, const int64_t *index, const float *k, const float *v,
-                          int64_t B, int64_t H, int64_t T, int64_t D, int64_t kb, int64_t kh, int64_t kt,
-                          int64_t vb, int64_t vh, int64_t vt) {
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t h = 0; h < H; h++)
-            for (int64_t t = 0; t < T; t++) {
-                const int64_t row = index[(b * H + h) * T + t];
-                memcpy(k_cache + row * D, k + b * kb + h * kh + t * kt, D * sizeof(float));
-                memcpy(v_cache + row * D, v + b * vb + h * vh + t * vt, D * sizeof(float));
-            }
 }

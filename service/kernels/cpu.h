@@ -1,11 +1,18 @@
-/* What the kernels (cpu.c) share with the fused decode step (decode_step.c).
+/* What the kernels (cpu.c, attention.c) share with each other and with the fused decode step (decode_step.c).
  *
  * The *_team functions are to be called by every thread of an OpenMP parallel region: each splits its work over
  * the team with orphaned worksharing and returns after a barrier, so one region can run a whole decode step. The
  * exported lmserve_* kernels are each a parallel region around one of them.
  */
 #pragma once
+#include <immintrin.h>
 #include <stdint.h>
+
+/* The lane sums of four accumulators as one vector: [sum(a0), sum(a1), sum(a2), sum(a3)]. */
+static inline __m128 lane_sums(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
 
 enum { ACT_NONE = 0, ACT_GELU_TANH = 1, ACT_SILU = 2, ACT_RELU = 3 };
 
@@ -24,8 +31,10 @@ void linear_team(const float *x, const float *w, const float *bias, const Epilog
 void norm_team(const float *x, const float *weight, const float *bias, float *y, int64_t rows, int64_t dim, float eps,
                int rms);
 
+#define HEADS_AT_ONCE 4 /* heads of a sequence that attention reads side by side (cpu_kernels.py: the same) */
+
 /* one query per (sequence, head) against the KV cache, as lmserve_decode_attention_f32; `scores`: this thread's
- * S floats */
+ * HEADS_AT_ONCE * S floats */
 void attention_team(const float *q, const float *k, const float *v, const uint8_t *mask, float *y, int64_t B,
                     int64_t H, int64_t Hkv, int64_t S, int64_t D, int64_t stride_b, int64_t stride_h,
                     int64_t stride_s, int64_t q_stride, float scale, float *scores);

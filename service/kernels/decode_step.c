@@ -46,7 +46,7 @@ void lmserve_decode_step_f32(const StepModel *m, const int64_t *tokens, const in
     float *x = m->x, *mid = m->mid, *h = m->h, *qkv = m->qkv;
 #pragma omp parallel num_threads(threads)
     {
-        float *scores = malloc(kv_len * sizeof(float));
+        float *scores = malloc(HEADS_AT_ONCE * kv_len * sizeof(float)); /* this thread's attention scores */
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++) {
             const int64_t at = positions[b] > 0 ? positions[b] : 0;

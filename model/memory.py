@@ -1,0 +1,37 @@
+"""Big CPU tensors on 2 MiB pages.
+
+A CPU decode step reads every weight matrix and the whole KV cache from memory: for GPT-2 small at 32 sequences,
+~650 MB a step, ~160 000 pages of 4 KiB, far more than the TLB holds (Zen 3: 2048 entries), so most pages cost a
+page-table walk and the hardware prefetchers stop at every page boundary. On 2 MiB pages the same bytes are
+~330 pages. `zeros` asks Linux for them (transparent huge pages in `madvise` mode, the common default, give them
+only to memory that asks); where the kernel has none to give, or on another OS, the memory is ordinary pages.
+Measured on our 2-core EPYC with `bench/decode.py`'s model: 0.97x the decode step time at 32 sequences with the
+packed weights on 2 MiB pages, 0.98x with the KV cache (A/B in one process, alternating); the cache's attention
+alone 0.79x (7.5 against 9.4 ms a step).
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+
+import torch
+
+HUGE_PAGE = 2 << 20
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`torch.zeros(shape, dtype=dtype)` on the CPU, starting on a 2 MiB boundary of memory advised to use 2 MiB
+    pages, for tensors of at least 2 MiB (smaller ones: plain `torch.zeros`). Fresh anonymous memory reads as
+    zeros, and pages are only allocated when first touched. The tensor keeps its mapping alive."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.zeros(shape, dtype=dtype)
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel without transparent huge pages: ordinary pages, same tensor
+        pass
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # holds a reference to `region`
+    start = -raw.data_ptr() % HUGE_PAGE
+    return raw[start:start + nbytes].view(dtype).view(shape)
