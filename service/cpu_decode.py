@@ -20,7 +20,7 @@ import torch
 
 from model.kv_cache import KVCache
 from model.model import Transformer
-from service.cpu_kernels import ACTIVATIONS, CpuKernels, KernelLinear, KernelNorm
+from service.cpu_kernels import ACTIVATIONS, HEADS_AT_ONCE, CpuKernels, KernelLinear, KernelNorm
 
 _int64, _float, _int32, _pointer = ctypes.c_int64, ctypes.c_float, ctypes.c_int32, ctypes.c_void_p
 
@@ -43,7 +43,7 @@ class StepModel(ctypes.Structure):
                 + [(name, _pointer) for name in ("token_embedding", "position_embedding", "rope", "norm_weight",
                                                  "norm_bias", "lm_head", "lm_head_bias")]
                 + [("layer", ctypes.POINTER(StepLayer))]
-                + [(name, _pointer) for name in ("x", "mid", "h", "qkv", "attn", "ff", "gated", "mask")])
+                + [(name, _pointer) for name in ("x", "mid", "h", "qkv", "attn", "ff", "gated", "packed", "mask")])
 
 
 def _pointer_to(t: torch.Tensor | None) -> int | None:
@@ -63,7 +63,8 @@ class CpuDecodeStep:
         self.buffers = {name: torch.empty(rows, size) for name, size in (
             ("x", c.hidden_size), ("mid", c.hidden_size), ("h", c.hidden_size), ("qkv", width),
             ("attn", c.num_attention_heads * c.head_dim), ("ff", c.intermediate_size),
-            ("gated", c.intermediate_size if c.activation == "swiglu" else 0))}
+            ("gated", c.intermediate_size if c.activation == "swiglu" else 0),
+            ("packed", max(c.hidden_size, c.num_attention_heads * c.head_dim, c.intermediate_size)))}
         self.mask = torch.empty(rows * (cache.max_seq_len + 1), dtype=torch.uint8)
         # positions: the learned table, or the sinusoidal one as the embedding adds it (cast once, not per step)
         self.positions = (model.embed_positions.weight if model.embed_positions is not None
@@ -108,6 +109,8 @@ class CpuDecodeStep:
         B = len(tokens)
         ids = torch.tensor(tokens + positions, dtype=torch.int64)  # (2B,): the tokens, then their positions
         logits = torch.empty(B, self.vocab)  # fresh: the caller keeps it past the next step
+        threads, kv_len = torch.get_num_threads(), max(positions) + 1
+        scores = torch.empty(threads * HEADS_AT_ONCE * kv_len)  # each thread's attention scores
         at = ids.data_ptr()
-        self.step(self.address, at, at + 8 * B, B, max(positions) + 1, logits.data_ptr(), torch.get_num_threads())
+        self.step(self.address, at, at + 8 * B, B, kv_len, logits.data_ptr(), scores.data_ptr(), threads)
         return logits

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -309,3 +313,13 @@ def test_argmax_picks_what_torch_argmax_picks(kernel, width):
     assert got.dtype == torch.long and torch.equal(got, rows.argmax(dim=-1))
     assert torch.equal(cpu_kernels.argmax(rows[3:4]), rows[3:4].argmax(dim=-1))  # one row: no threads
     assert torch.equal(cpu_kernels.argmax(rows.double()), rows.double().argmax(dim=-1))  # other dtypes: PyTorch's
+
+
+def test_argmax_never_builds_the_kernels_itself(tmp_path):
+    """A process that never loaded the kernels (an engine started without them) samples on PyTorch's argmax and
+    compiles nothing: run in a fresh interpreter with an empty kernel directory."""
+    script = ("import torch; from service import cpu_kernels; x = torch.randn(3, 50); "
+              "assert torch.equal(cpu_kernels.argmax(x), x.argmax(dim=-1))")
+    env = {**os.environ, "LMSERVE_KERNEL_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=Path(__file__).parents[1], timeout=120)
+    assert list(tmp_path.iterdir()) == []

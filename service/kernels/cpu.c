@@ -35,7 +35,6 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "cpu.h"
@@ -229,16 +228,13 @@ static void few_rows(const float *x, const float *w, const float *bias, const Ep
 }
 
 void linear_team(const float *x, const float *w, const float *bias, const Epilogue *e, float *y, int64_t rows,
-                 int64_t in, int64_t out) {
+                 int64_t in, int64_t out, float *xp) {
     switch (rows) {
         case 1: few_rows(x, w, bias, e, y, in, out, 1, 4); return;
         case 2: few_rows(x, w, bias, e, y, in, out, 2, 3); return;
         case 3: few_rows(x, w, bias, e, y, in, out, 3, 2); return;
     }
     const int64_t panels = (out + PANEL - 1) / PANEL;
-    float *xp;
-#pragma omp single copyprivate(xp)
-    xp = malloc(rows * in * sizeof(float));
     pack_rows(x, xp, rows, in);
     for (int64_t m0 = 0; m0 < rows; m0 += ROW_BLOCK) {
         const int64_t m1 = m0 + ROW_BLOCK < rows ? m0 + ROW_BLOCK : rows;
@@ -276,18 +272,16 @@ void linear_team(const float *x, const float *w, const float *bias, const Epilog
         }
     }
 #pragma omp barrier
-#pragma omp master
-    free(xp);
 }
 
 /* y = residual + act(x @ w^T + bias) * mul: x (rows, in) contiguous; w packed (ceil(out / 16), in, 16); bias (out),
  * mul and residual (rows, out), each NULL when absent; act an ACT_ kind; y (rows, out), which must not overlap
- * x, mul or residual. */
+ * x, mul or residual; scratch: rows * in floats (unused, and may be NULL, for 1-3 rows). */
 void lmserve_linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t rows, int64_t in,
-                        int64_t out, int threads, const float *mul, const float *residual, int act) {
+                        int64_t out, int threads, const float *mul, const float *residual, int act, float *scratch) {
     const Epilogue epilogue = {mul, residual, act}, *e = mul || residual || act ? &epilogue : 0;
 #pragma omp parallel num_threads(threads)
-    linear_team(x, w, bias, e, y, rows, in, out);
+    linear_team(x, w, bias, e, y, rows, in, out, scratch);
 }
 
 /* ---- activations and norms ------------------------------------------------------------------------------- */

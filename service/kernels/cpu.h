@@ -23,9 +23,9 @@ typedef struct {
     int act;
 } Epilogue;
 
-/* y = epilogue(x @ w^T + bias), as lmserve_linear_f32 (e NULL: plain) */
+/* y = epilogue(x @ w^T + bias), as lmserve_linear_f32 (e NULL: plain); scratch: rows * in floats (rows > 3) */
 void linear_team(const float *x, const float *w, const float *bias, const Epilogue *e, float *y, int64_t rows,
-                 int64_t in, int64_t out);
+                 int64_t in, int64_t out, float *scratch);
 
 /* LayerNorm / RMSNorm of each row, as lmserve_norm_f32 */
 void norm_team(const float *x, const float *weight, const float *bias, float *y, int64_t rows, int64_t dim, float eps,

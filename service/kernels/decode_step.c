@@ -11,7 +11,7 @@
  * logits and the KV cache are bit-identical to it (tests/test_cpu_decode.py). service/cpu_decode.py fills the
  * structs below.
  */
-#include <stdlib.h>
+#include <omp.h>
 #include <string.h>
 
 #include "cpu.h"
@@ -34,19 +34,21 @@ typedef struct {
     const float *norm_weight, *norm_bias, *lm_head, *lm_head_bias;
     const StepLayer *layer;
     float *x, *mid, *h, *qkv, *attn, *ff, *gated; /* (rows, features) work buffers; gated only with a gate */
+    float *packed;                          /* rows x max(hidden, heads x head_dim, intermediate): a linear layer's
+                                               activations in tile order */
     uint8_t *mask;                          /* rows x (S + 1) bytes */
 } StepModel;
 
 /* One token per row b < B at positions[b] (-1: a padding row, computed and thrown away) into logits (B, vocab);
- * kv_len = 1 + the largest position. */
+ * kv_len = 1 + the largest position; scores: threads x HEADS_AT_ONCE x kv_len floats. */
 void lmserve_decode_step_f32(const StepModel *m, const int64_t *tokens, const int64_t *positions, int64_t B,
-                             int64_t kv_len, float *logits, int threads) {
+                             int64_t kv_len, float *logits, float *scores, int threads) {
     const int64_t C = m->hidden, H = m->heads, Hkv = m->kv_heads, D = m->head_dim, F = m->intermediate;
     const int64_t width = (H + 2 * Hkv) * D; /* a qkv row: q heads, k heads, v heads */
     float *x = m->x, *mid = m->mid, *h = m->h, *qkv = m->qkv;
 #pragma omp parallel num_threads(threads)
     {
-        float *scores = malloc(HEADS_AT_ONCE * kv_len * sizeof(float)); /* this thread's attention scores */
+        float *p = scores + omp_get_thread_num() * HEADS_AT_ONCE * kv_len; /* this thread's attention scores */
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++) {
             const int64_t at = positions[b] > 0 ? positions[b] : 0;
@@ -59,7 +61,7 @@ void lmserve_decode_step_f32(const StepModel *m, const int64_t *tokens, const in
         for (int64_t l = 0; l < m->layers; l++) {
             const StepLayer *L = m->layer + l;
             norm_team(x, L->attn_norm_weight, L->attn_norm_bias, h, B, C, m->norm_eps, m->rms);
-            linear_team(h, L->qkv, L->qkv_bias, 0, qkv, B, C, width);
+            linear_team(h, L->qkv, L->qkv_bias, 0, qkv, B, C, width, m->packed);
 #pragma omp for schedule(static)
             for (int64_t b = 0; b < B; b++) {
                 float *row = qkv + b * width;
@@ -72,22 +74,21 @@ void lmserve_decode_step_f32(const StepModel *m, const int64_t *tokens, const in
                 }
             }
             attention_team(qkv, L->k_cache, L->v_cache, m->mask, m->attn, B, H, Hkv, kv_len, D, m->kv_stride_b,
-                           m->kv_stride_h, m->kv_stride_s, width, m->attn_scale, scores);
+                           m->kv_stride_h, m->kv_stride_s, width, m->attn_scale, p);
             const Epilogue after_attention = {0, x, ACT_NONE};
-            linear_team(m->attn, L->o, L->o_bias, &after_attention, mid, B, H * D, C);
+            linear_team(m->attn, L->o, L->o_bias, &after_attention, mid, B, H * D, C, m->packed);
             norm_team(mid, L->mlp_norm_weight, L->mlp_norm_bias, h, B, C, m->norm_eps, m->rms);
             const Epilogue activated = {0, 0, m->act}, times_gate = {m->gated, 0, ACT_NONE};
             if (L->gate) { /* SwiGLU: down(act(gate(h)) * up(h)) */
-                linear_team(h, L->gate, L->gate_bias, &activated, m->gated, B, C, F);
-                linear_team(h, L->up, L->up_bias, &times_gate, m->ff, B, C, F);
+                linear_team(h, L->gate, L->gate_bias, &activated, m->gated, B, C, F, m->packed);
+                linear_team(h, L->up, L->up_bias, &times_gate, m->ff, B, C, F, m->packed);
             } else {
-                linear_team(h, L->up, L->up_bias, m->act ? &activated : 0, m->ff, B, C, F);
+                linear_team(h, L->up, L->up_bias, m->act ? &activated : 0, m->ff, B, C, F, m->packed);
             }
             const Epilogue after_mlp = {0, mid, ACT_NONE};
-            linear_team(m->ff, L->down, L->down_bias, &after_mlp, x, B, F, C);
+            linear_team(m->ff, L->down, L->down_bias, &after_mlp, x, B, F, C, m->packed);
         }
         norm_team(x, m->norm_weight, m->norm_bias, h, B, C, m->norm_eps, m->rms);
-        linear_team(h, m->lm_head, m->lm_head_bias, 0, logits, B, C, m->vocab);
-        free(scores);
+        linear_team(h, m->lm_head, m->lm_head_bias, 0, logits, B, C, m->vocab, m->packed);
     }
 }
