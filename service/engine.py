@@ -7,8 +7,8 @@
 
 The thread loops: take new requests and aborts from the inbox, ask the scheduler for a plan, let the runner
 execute it, sample one token per sequence that produced logits, then detokenize, check stops and hand the
-outputs to each request's asyncio queue. The HTTP layer only calls `submit`, `abort`, `next_token_probs`
-and reads `stats`.
+outputs to each request's asyncio queue, a step's outputs in one call per event loop. The HTTP layer only calls
+`submit`, `abort`, `next_token_probs` and reads `stats`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,13 +59,26 @@ class EngineConfig:
     seed: int = 0  # for requests without their own seed
 
 
+@dataclass(frozen=True)
+class _Sink:
+    """Where a request's outputs go: its queue, on the event loop of the coroutine that submitted it."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+def _deliver(outputs: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, output in outputs:
+        q.put_nowait(output)
+
+
 @dataclass
 class _Active:
     """Engine-thread state of one request."""
 
     request: GenerationRequest
     seq: Sequence
-    sink: Callable[[RequestOutput], None]
+    sink: _Sink
     tokens: list[int]  # decoder tokens: prompt + generated
     row_state: RowState
     detok: IncrementalDetokenizer
@@ -97,6 +110,8 @@ class Engine:
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._active: dict[str, _Active] = {}
+        # outputs waiting for the end of the step, by the event loop they go to: (queue, output, request or None)
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput, _Active | None]]] = {}
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._accepting = True
@@ -161,7 +176,7 @@ class Engine:
             raise QueueFull(f"the waiting queue is full ({self.config.max_queue} requests)")
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._inbox.put(("add", request, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)))
+        self._inbox.put(("add", request, _Sink(loop, outputs)))
         finished = False
         try:
             while True:
@@ -198,8 +213,10 @@ class Engine:
         try:
             while not self._stopping.is_set():
                 self._drain_inbox(block=not self.scheduler.has_work)
+                self._flush()
                 if self.scheduler.has_work:
                     self._step_guarded()
+                    self._flush()
                     if not self.scheduler.has_work:
                         release_cpu_threads()  # idle: leave the cores' OpenMP threads to whoever computes next
                 self.stats = self._snapshot()
@@ -211,6 +228,7 @@ class Engine:
             for active in list(self._active.values()):
                 self._finish(active, reason, error=self.dead_reason)
             self._refuse_inbox(reason)
+            self._flush()
             self.stats = self._snapshot()
 
     def _refuse_inbox(self, reason: FinishReason) -> None:
@@ -223,11 +241,8 @@ class Engine:
                 return
             if item[0] == "add":
                 request, sink = item[1], item[2]
-                try:
-                    sink(RequestOutput(request.request_id, "", [], None, len(request.prompt_ids), 0, True, reason,
-                                       message))
-                except RuntimeError:
-                    pass
+                self._post(sink, RequestOutput(request.request_id, "", [], None, len(request.prompt_ids), 0, True,
+                                               reason, message))
             elif item[0] == "probe":
                 item[-1](EngineError(message))
 
@@ -255,14 +270,14 @@ class Engine:
             except queue.Empty:
                 return
 
-    def _add(self, request: GenerationRequest, sink: Callable[[RequestOutput], None]) -> None:
+    def _add(self, request: GenerationRequest, sink: _Sink) -> None:
         params = request.params
         seq = Sequence(request.request_id, len(request.prompt_ids), params.max_new_tokens)
         try:
             self.scheduler.add(seq)
         except ValueError as e:
-            sink(RequestOutput(request.request_id, "", [], None, len(request.prompt_ids), 0, True,
-                               FinishReason.ERROR, str(e)))
+            self._post(sink, RequestOutput(request.request_id, "", [], None, len(request.prompt_ids), 0, True,
+                                           FinishReason.ERROR, str(e)))
             return
         row_state = RowState(params.sampling, make_generator(params.seed, self.device), request.prompt_ids, [])
         active = _Active(request, seq, sink, list(request.prompt_ids), row_state,
@@ -340,11 +355,24 @@ class Engine:
                                          len(active.request.prompt_ids), len(active.output_ids), True, reason, error))
 
     def _emit(self, active: _Active, output: RequestOutput) -> None:
-        try:
-            active.sink(output)
-        except RuntimeError:  # the client's event loop is gone: nobody is listening
-            if not output.finished:
-                self._finish(active, FinishReason.ABORT)
+        self._post(active.sink, output, active)
+
+    def _post(self, sink: _Sink, output: RequestOutput, active: _Active | None = None) -> None:
+        self._outbox.setdefault(sink.loop, []).append((sink.queue, output, active))
+
+    def _flush(self) -> None:
+        """Hands each event loop the outputs posted since the last flush in one call: one wake-up of its thread
+        per step, not one per token (a cross-thread call writes to a socket: 2048 of them, ~40 us each, took 88 ms
+        of a 6 s bench round of 32 streams)."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, posted in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, [(q, output) for q, output, _ in posted])
+            except RuntimeError:  # that event loop is gone: nobody is listening; free what its requests hold
+                for _, _, active in posted:
+                    if active is not None and active.request_id in self._active:
+                        self.scheduler.finish(active.request_id)
+                        del self._active[active.request_id]
 
     def _probe(self, prompts, sources, top_k, temperature, reply) -> None:
         try:

@@ -191,6 +191,23 @@ def test_abort_mid_generation_releases_the_cache(engine_factory, tokenizer):
     assert outputs[-1].finish_reason is FinishReason.ABORT and len(outputs) < 50
 
 
+def test_a_request_whose_event_loop_is_gone_releases_the_cache(engine_factory, tokenizer):
+    engine = engine_factory(max_batch_size=4)
+    loop = asyncio.new_event_loop()
+    stream = engine.submit(GenerationRequest(tokenizer.encode("def"), GenerationParams(
+        max_new_tokens=200, temperature=0, ignore_eos=True), request_id="orphan"))
+    first = loop.run_until_complete(stream.__anext__())
+    assert first.token_ids and not first.finished
+    loop.close()  # the client's event loop ends mid-generation without a word to the engine
+    deadline = time.monotonic() + 30
+    while engine._active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not engine._active and engine.scheduler.free_rows == 4
+    after = run(engine, [GenerationRequest(tokenizer.encode("x"), GenerationParams(max_new_tokens=5,
+                                                                                   ignore_eos=True))])
+    assert len(tokens_of(after[0])) == 5  # and the engine serves the next client
+
+
 def test_streaming_never_breaks_a_utf8_character(engine_factory, tokenizer):
     engine = engine_factory()
     prompts = ["你好，世界", "🚀🌍", "数字和文字 😀"]
