@@ -179,11 +179,11 @@ class KernelLinear(nn.Module):
         rows = x.reshape(-1, self.in_features).contiguous()  # (N, in)
         n = rows.shape[0]
         y = torch.empty(n, self.out_features)  # (N, out)
-        scratch = torch.empty(n * self.in_features if n > 3 else 0)  # the kernel's copy of x in tile order
+        scratch = torch.empty(n * self.in_features) if n > 3 else None  # the kernel's copy of x in tile order
         if n:
             self.kernels.linear(rows.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(),
                                 y.data_ptr(), n, self.in_features, self.out_features, torch.get_num_threads(),
-                                None, None, 0, scratch.data_ptr())
+                                None, None, 0, None if scratch is None else scratch.data_ptr())
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
