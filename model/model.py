@@ -124,7 +124,10 @@ class Attention(nn.Module):
         q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
         return self.heads(q, self.n_heads), self.heads(k, self.n_kv_heads), self.heads(v, self.n_kv_heads)
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, layer: int, keep: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C), or (B, 1, C) with `keep` (B,): only that position's query per row (every
+        position's keys and values still go into the cache)."""
         B, T, C = x.shape
         mask, is_causal = ctx.mask, ctx.is_causal
         if self.cross:
@@ -140,6 +143,13 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
             if ctx.cache is not None:
                 k, v = ctx.cache.update(layer, ctx.cache_rows, ctx.cache_index, k, v, ctx.kv_len)
+        if keep is not None:
+            rows = torch.arange(B, device=x.device)
+            q, T = q[rows, :, keep][:, :, None], 1  # (B, H, 1, D)
+            if mask is not None:
+                mask = mask[rows, :, keep][:, :, None]  # (B, 1, 1, S)
+            else:  # a plain causal pass: the kept query sees keys 0..keep
+                mask, is_causal = (torch.arange(k.shape[2], device=x.device) <= keep[:, None])[:, None, None], False
         if T == 1 and mask is not None and ctx.decode_attention is not None:
             y = ctx.decode_attention(q, k, v, mask)  # (B, H, 1, D)
         else:
@@ -187,13 +197,20 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def residual(self, x: torch.Tensor, norm: nn.Module, sublayer: Callable) -> torch.Tensor:
+    def residual(self, x: torch.Tensor, norm: nn.Module, sublayer: Callable, kept: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """Add & Norm around `sublayer`; `kept` is the part of x its output adds to (default: all of x)."""
+        kept = x if kept is None else kept
         if self.pre_norm:
-            return x + self.dropout(sublayer(norm(x)))  # x + f(Norm(x))
-        return norm(x + self.dropout(sublayer(x)))  # Norm(x + f(x)): the original "Add & Norm"
+            return kept + self.dropout(sublayer(norm(x)))  # x + f(Norm(x))
+        return norm(kept + self.dropout(sublayer(x)))  # Norm(x + f(x)): the original "Add & Norm"
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext, layer: int) -> torch.Tensor:
-        x = self.residual(x, self.attn_norm, lambda h: self.self_attn(h, ctx, layer))
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, layer: int, keep: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C). With `keep` (B,) -> (B, 1, C): only that position per row goes on past
+        self-attention (the last layer of a prompt pass: the rest only add their keys and values to the cache)."""
+        kept = None if keep is None else x[torch.arange(x.shape[0], device=x.device), keep][:, None]  # (B, 1, C)
+        x = self.residual(x, self.attn_norm, lambda h: self.self_attn(h, ctx, layer, keep), kept)
         if self.cross_attn is not None:
             x = self.residual(x, self.cross_attn_norm, lambda h: self.cross_attn(h, ctx, layer))
         return self.residual(x, self.mlp_norm, self.mlp)
@@ -361,10 +378,12 @@ class Transformer(nn.Module):
                 memory = self.encode(source_ids, source_lengths)
             self._add_cross_attention(ctx, B, memory, source_lengths, cache, cache_rows)
         x = self.embed(input_ids, positions)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, ctx, i)
-        if logits_at is not None:  # (B, C): only the positions asked for (with one token, that one)
-            x = x[:, 0] if T == 1 else x[torch.arange(B, device=x.device), logits_at]
+            # the last layer carries on only the positions asked for: the others' outputs would go nowhere
+            x = layer(x, ctx, i, keep=logits_at if i == last and T > 1 else None)
+        if logits_at is not None:  # (B, 1, C) -> (B, C): the positions asked for (with one token, that one)
+            x = x[:, 0]
         if self.norm is not None:
             x = self.norm(x)
         return self.lm_head(x).float()  # logits in fp32 whatever the weights' dtype

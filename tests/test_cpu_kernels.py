@@ -118,15 +118,17 @@ def test_prompt_passes_and_decode_steps_run_every_linear_layer_on_the_kernel(ker
     vocab, layers = model.config.vocab_size, model.config.num_hidden_layers
     seq = Sequence("a", prompt_len=5, max_new_tokens=4, row=0)
     runner.prefill([PrefillChunk(seq, 0, 5)], {"a": [1, 2, 3, 4, 5]})
-    # per layer: q, k and v fused, the attention output, the two FFN matrices
-    assert [rows for rows, out in calls if out != vocab] == [5] * 4 * layers
+    # per layer: q, k and v fused, the attention output, the two FFN matrices; past the last layer's keys and
+    # values only the last position goes on
+    assert [rows for rows, out in calls if out != vocab] == [5] * (4 * layers - 3) + [1] * 3
     assert [rows for rows, out in calls if out == vocab] == [1]  # only the last position is projected
     calls.clear()
     runner.decode([DecodeInput(row=0, token=6, position=5)])
     assert calls.count((1, vocab)) == 1 and len(calls) == 4 * layers + 1
     calls.clear()
     runner.last_token_logits([[1, 2, 3], [4]])  # next-token distributions: a padded prompt pass
-    assert [rows for rows, out in calls if out != vocab] == [6] * 4 * layers and calls[-1] == (2, vocab)
+    assert [rows for rows, out in calls if out != vocab] == [6] * (4 * layers - 3) + [2] * 3
+    assert calls[-1] == (2, vocab)
 
 
 @needs_kernels

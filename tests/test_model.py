@@ -187,9 +187,17 @@ def test_logits_at_returns_only_the_requested_positions(variant):
     memory, lengths = source_for(model, 2)
     ids = torch.randint(0, VOCAB, (2, 9))
     full = model(ids, memory=memory, source_lengths=lengths)
+    seen = []  # rows the last layer's feed-forward gets: only the positions asked for go past its attention
+    hook = model.layers[-1].mlp.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[:2]))
     picked = model(ids, memory=memory, source_lengths=lengths, logits_at=torch.tensor([8, 3]))
-    assert picked.shape == (2, VOCAB)
+    hook.remove()
+    assert picked.shape == (2, VOCAB) and seen == [(2, 1)]
     assert torch.allclose(picked, torch.stack([full[0, 8], full[1, 3]]), atol=1e-6)
+
+    positions = torch.arange(9).expand(2, 9).clone()
+    positions[1, 4:] = -1  # row 1 is 4 tokens long, right-padded
+    padded = model(ids, positions, memory=memory, source_lengths=lengths, logits_at=torch.tensor([8, 3]))
+    assert torch.allclose(padded, torch.stack([full[0, 8], full[1, 3]]), atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", DECODER_ONLY)
