@@ -69,14 +69,30 @@ class KVCache:
 
     def write_index(self, rows: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
         """Flat index (B*Hkv*T,) into a layer's (rows*Hkv*(S+1), D) view for the keys/values of tokens at
-        `positions` (B, T) in cache `rows` (B,) (default 0..B-1); padding (position -1) goes to the sink slot.
-        Computed once per forward pass and shared by every layer."""
+        `positions` (B, T) in cache `rows` (B,) (default 0..B-1), or each token's own row (B, T); padding
+        (position -1) goes to the sink slot. Computed once per forward pass and shared by every layer."""
         batch, heads, slots_per_row = positions.shape[0], self.k.shape[2], self.max_seq_len + 1
         slots = torch.where(positions < 0, self.max_seq_len, positions)  # (B, T)
         if rows is None:
             rows = torch.arange(batch, device=positions.device)
-        head_base = (rows[:, None] * heads + torch.arange(heads, device=positions.device)) * slots_per_row  # (B, H)
-        return (head_base[:, :, None] + slots[:, None, :]).reshape(-1)  # (B*H*T,)
+        rows = rows[:, None] if rows.dim() == 1 else rows  # (B, 1) or (B, T)
+        head = torch.arange(heads, device=positions.device)[None, :, None]  # (1, H, 1)
+        return ((rows[:, None, :] * heads + head) * slots_per_row + slots[:, None, :]).reshape(-1)  # (B*H*T,)
+
+    def write(self, layer: int, write_index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Writes k, v (B, Hkv, T, D) at `write_index` (from write_index())."""
+        k_layer, v_layer = self.k[layer], self.v[layer]  # (rows, Hkv, S+1, D)
+        head_dim = k.shape[-1]
+        if self.write_rows is None or not self.write_rows(k_layer, v_layer, write_index, k, v):
+            # index_put_, not index_copy_: the same scattered rows in a third of the time on CPU
+            k_layer.view(-1, head_dim).index_put_((write_index,), k.reshape(-1, head_dim))
+            v_layer.view(-1, head_dim).index_put_((write_index,), v.reshape(-1, head_dim))
+
+    def row(self, layer: int, row: int, length: int, cross: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One row's first `length` keys and values (1, Hkv, length, D), in place (views): its self-attention
+        slots, or with `cross` its source tokens."""
+        k, v = (self.cross_k, self.cross_v) if cross else (self.k, self.v)
+        return k[layer, row:row + 1, :, :length], v[layer, row:row + 1, :, :length]
 
     def update(
         self,
@@ -88,12 +104,8 @@ class KVCache:
         kv_len: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Writes k, v (B, Hkv, T, D) at `write_index`, returns the rows' first kv_len slots (B, Hkv, kv_len, D)."""
+        self.write(layer, write_index, k, v)
         k_layer, v_layer = self.k[layer], self.v[layer]  # (rows, Hkv, S+1, D)
-        head_dim = k.shape[-1]
-        if self.write_rows is None or not self.write_rows(k_layer, v_layer, write_index, k, v):
-            # index_put_, not index_copy_: the same scattered rows in a third of the time on CPU
-            k_layer.view(-1, head_dim).index_put_((write_index,), k.reshape(-1, head_dim))
-            v_layer.view(-1, head_dim).index_put_((write_index,), v.reshape(-1, head_dim))
         if rows is None:  # rows 0..B-1: a view, no copy
             return k_layer[:k.shape[0], :, :kv_len], v_layer[:k.shape[0], :, :kv_len]
         return k_layer[rows, :, :kv_len], v_layer[rows, :, :kv_len]

@@ -11,13 +11,16 @@ Conventions for `forward`:
   0..B-1), and each token attends to its row's slots 0..position: rows of different lengths share a batch.
 - `logits_at` (B,) picks one position per row to project to the vocabulary, so decoding never builds a
   (B, T, vocab) tensor; None returns logits for every position (training).
+- `ragged` (an engine's prompt pass): several sequences back to back on one row, no padding, each token
+  writing to and attending over its own sequence's cache row; logits at each sequence's last token.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +80,21 @@ def sinusoidal_table(max_positions: int, dim: int) -> torch.Tensor:
 
 
 @dataclass
+class Ragged:
+    """Several sequences' tokens back to back on one row (B = 1, no padding), each continuing its own cache row:
+    an engine's prompt pass. Each token attends over its own sequence's row of the cache."""
+
+    lengths: list[int]  # each sequence's tokens in this pass
+    rows: list[int]  # each sequence's cache row
+    ends: list[int]  # each sequence's length once this pass is done (its last position here + 1)
+
+    @property
+    def last_tokens(self) -> list[int]:
+        """Where each sequence's last token sits on the row."""
+        return [end - 1 for end in itertools.accumulate(self.lengths)]
+
+
+@dataclass
 class AttentionContext:
     """What every layer needs to know about this forward pass; built once per pass, not per layer."""
 
@@ -91,6 +109,14 @@ class AttentionContext:
     cross_mask: torch.Tensor | None = None  # (B, 1, 1, S_src)
     positions: torch.Tensor | None = None  # (B, T)
     decode_attention: Callable | None = None  # optional SDPA replacement for one query per sequence
+    ragged: Ragged | None = None
+    token_rows: torch.Tensor | None = None  # ragged: each token's cache row (T,)
+
+    def one_per_sequence(self, keep: torch.Tensor) -> AttentionContext:
+        """A ragged pass's context for the rest of a layer whose self-attention kept only each sequence's `keep`
+        token."""
+        return replace(self, ragged=replace(self.ragged, lengths=[1] * len(self.ragged.lengths)),
+                       token_rows=self.token_rows[keep], positions=self.positions[:, keep])
 
 
 class Attention(nn.Module):
@@ -129,6 +155,9 @@ class Attention(nn.Module):
         """(B, T, C) -> (B, T, C), or (B, 1, C) with `keep` (B,): only that position's query per row (every
         position's keys and values still go into the cache)."""
         B, T, C = x.shape
+        if ctx.ragged is not None:
+            y = self.ragged_attention(x, ctx, layer, keep)  # (1, H, T', D)
+            return self.o_proj(y.transpose(1, 2).reshape(1, y.shape[2], C))
         mask, is_causal = ctx.mask, ctx.is_causal
         if self.cross:
             q = self.heads(self.q_proj(x), self.n_heads)  # (B, H, T, D)
@@ -159,6 +188,37 @@ class Attention(nn.Module):
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def ragged_attention(self, x: torch.Tensor, ctx: AttentionContext, layer: int, keep: torch.Tensor | None
+                         ) -> torch.Tensor:
+        """Attention for sequences back to back on one row (`ctx.ragged`), each token over its own row of the
+        cache: (1, T, C) -> (1, H, T, D), or (1, H, S, D) with `keep` (each sequence's last query only)."""
+        r, cache = ctx.ragged, ctx.cache
+        rows, positions, lengths = ctx.token_rows, ctx.positions[0], r.lengths  # (T,), (T,)
+        if self.cross:
+            q = self.heads(self.q_proj(x), self.n_heads)  # (1, H, T, D)
+            k, v = cache.cross_k[layer], cache.cross_v[layer]  # (rows, Hkv, S_src, D)
+            allowed = torch.arange(k.shape[2], device=x.device) < cache.source_lengths[rows][:, None]  # (T, S_src)
+        else:
+            q, k_new, v_new = self.project_qkv(x)  # (1, H, T, D), (1, Hkv, T, D) x 2
+            if ctx.rope is not None:
+                q, k_new = apply_rope(q, *ctx.rope), apply_rope(k_new, *ctx.rope)
+            cache.write(layer, ctx.cache_index, k_new, v_new)
+            if keep is not None:
+                q, rows, positions, lengths = q[:, :, keep], rows[keep], positions[keep], [1] * len(lengths)
+            kv_len = max(r.ends)
+            k, v = cache.k[layer, :, :, :kv_len], cache.v[layer, :, :, :kv_len]  # (rows, Hkv, S, D), in place
+            allowed = torch.arange(kv_len, device=x.device) <= positions[:, None]  # (T, S)
+        if ctx.decode_attention is not None:  # an engine's kernel: every query in one call, each over its row
+            y = ctx.decode_attention(q[0].transpose(0, 1)[:, :, None], k, v, allowed[:, None, None], rows)
+            return y[:, :, 0].transpose(0, 1)[None]  # (T, H, 1, D) -> (1, H, T, D)
+        outputs, start = [], 0
+        for row, n in zip(r.rows, lengths):  # one sequence at a time
+            keys, values, mask = k[row:row + 1], v[row:row + 1], allowed[start:start + n]
+            outputs.append(F.scaled_dot_product_attention(q[:, :, start:start + n], keys, values, attn_mask=mask,
+                                                          enable_gqa=self.n_kv_heads != self.n_heads))
+            start += n
+        return torch.cat(outputs, dim=2)
 
 
 class FeedForward(nn.Module):
@@ -209,8 +269,14 @@ class Block(nn.Module):
                 ) -> torch.Tensor:
         """(B, T, C) -> (B, T, C). With `keep` (B,) -> (B, 1, C): only that position per row goes on past
         self-attention (the last layer of a prompt pass: the rest only add their keys and values to the cache)."""
-        kept = None if keep is None else x[torch.arange(x.shape[0], device=x.device), keep][:, None]  # (B, 1, C)
+        kept = None
+        if keep is not None and ctx.ragged is not None:  # sequences back to back: (1, S, C)
+            kept = x[:, keep]
+        elif keep is not None:  # (B, 1, C)
+            kept = x[torch.arange(x.shape[0], device=x.device), keep][:, None]
         x = self.residual(x, self.attn_norm, lambda h: self.self_attn(h, ctx, layer, keep), kept)
+        if keep is not None and ctx.ragged is not None:
+            ctx = ctx.one_per_sequence(keep)  # for the rest of the layer
         if self.cross_attn is not None:
             x = self.residual(x, self.cross_attn_norm, lambda h: self.cross_attn(h, ctx, layer))
         return self.residual(x, self.mlp_norm, self.mlp)
@@ -320,14 +386,17 @@ class Transformer(nn.Module):
 
     def _self_attention_context(self, positions: torch.Tensor | None, T: int, B: int, device: torch.device,
                                 cache: KVCache | None, cache_rows: torch.Tensor | None,
-                                kv_len: int | None) -> AttentionContext:
+                                kv_len: int | None, ragged: Ragged | None = None) -> AttentionContext:
         """Positions, rotary angles and the self-attention mask of this pass (with the cache: which slots)."""
         contiguous = positions is None
         if positions is None:
             positions = torch.arange(T, device=device).expand(B, T)
         ctx = AttentionContext(mask=None, rope=self.rope_for(positions), positions=positions,
-                               decode_attention=None if self.training else self.decode_attention)
-        if cache is not None:
+                               decode_attention=None if self.training else self.decode_attention, ragged=ragged)
+        if ragged is not None:  # each token's own cache row
+            ctx.token_rows = torch.tensor(ragged.rows).repeat_interleave(torch.tensor(ragged.lengths)).to(device)
+            ctx.cache, ctx.cache_index = cache, cache.write_index(ctx.token_rows[None], positions)
+        elif cache is not None:
             ctx.cache, ctx.cache_rows, ctx.cache_index = cache, cache_rows, cache.write_index(cache_rows, positions)
             ctx.kv_len = kv_len if kv_len is not None else int(positions.max()) + 1
             slots = torch.arange(ctx.kv_len, device=device)
@@ -363,17 +432,25 @@ class Transformer(nn.Module):
         source_lengths: torch.Tensor | None = None,
         kv_len: int | None = None,
         source_ids: torch.Tensor | None = None,
+        ragged: Ragged | None = None,
     ) -> torch.Tensor:
         """Decoder pass: token ids (B, T) -> logits (B, V) at `logits_at`, or (B, T, V) for every position.
+
+        With `ragged`, input_ids (1, T) hold several sequences back to back, no padding, each continuing its
+        row of `cache` (an engine's prompt pass), and the logits are (S, V) at each sequence's last token.
 
         Encoder-decoder models take the encoder output as `memory` (with `source_lengths`), or the source
         tokens as `source_ids` (encoded here: one call for training), or read the cross-attention K/V that
         `write_cross_cache` stored in the cache. `kv_len` (> every position) may be
         given to skip a device sync."""
         B, T = input_ids.shape
-        ctx = self._self_attention_context(positions, T, B, input_ids.device, cache, cache_rows, kv_len)
+        if ragged is not None:
+            if B != 1 or cache is None or positions is None or sum(ragged.lengths) != T:
+                raise ValueError("ragged passes need input_ids (1, sum(lengths)), their positions and a cache")
+            logits_at = torch.tensor(ragged.last_tokens, device=input_ids.device)
+        ctx = self._self_attention_context(positions, T, B, input_ids.device, cache, cache_rows, kv_len, ragged)
         positions = ctx.positions
-        if self.config.is_encoder_decoder:
+        if self.config.is_encoder_decoder and ragged is None:  # (ragged passes read the cache's cross K/V)
             if source_ids is not None:
                 memory = self.encode(source_ids, source_lengths)
             self._add_cross_attention(ctx, B, memory, source_lengths, cache, cache_rows)
@@ -382,8 +459,8 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             # the last layer carries on only the positions asked for: the others' outputs would go nowhere
             x = layer(x, ctx, i, keep=logits_at if i == last and T > 1 else None)
-        if logits_at is not None:  # (B, 1, C) -> (B, C): the positions asked for (with one token, that one)
-            x = x[:, 0]
+        if logits_at is not None:  # (B, 1, C) or ragged (1, S, C) -> (B or S, C): the positions asked for
+            x = x[0] if ragged is not None else x[:, 0]
         if self.norm is not None:
             x = self.norm(x)
         return self.lm_head(x).float()  # logits in fp32 whatever the weights' dtype

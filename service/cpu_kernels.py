@@ -53,7 +53,7 @@ _pointer, _int64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "lmserve_linear_f32": [_pointer] * 4 + [_int64] * 3 + [ctypes.c_int] + [_pointer] * 2 + [ctypes.c_int, _pointer],
     "lmserve_activation_f32": [_pointer] * 2 + [_int64, ctypes.c_int, ctypes.c_int],
-    "lmserve_decode_attention_f32": [_pointer] * 5 + [_int64] * 9 + [ctypes.c_float, _pointer, ctypes.c_int],
+    "lmserve_decode_attention_f32": [_pointer] * 6 + [_int64] * 9 + [ctypes.c_float, _pointer, ctypes.c_int],
     "lmserve_write_kv_f32": [_pointer] * 5 + [_int64] * 10,
     "lmserve_norm_f32": [_pointer] * 4 + [_int64] * 2 + [ctypes.c_float, ctypes.c_int, ctypes.c_int],
     "lmserve_decode_step_f32": [_pointer] * 3 + [_int64] * 2 + [_pointer] * 2 + [ctypes.c_int],
@@ -231,26 +231,33 @@ def swappable_norm(module: nn.Module) -> bool:
 
 
 class DecodeAttention:
-    """`F.scaled_dot_product_attention(q, k, v, attn_mask=mask)` for one query per sequence: q (B, H, 1, D),
-    k/v (B, Hkv, S, D) (views into the KV cache are read in place), mask (B, 1, 1, S) bool. Other shapes,
-    dtypes or layouts go to PyTorch's SDPA."""
+    """`F.scaled_dot_product_attention(q, k, v, attn_mask=mask)` for one query per batch row: q (B, H, 1, D),
+    k/v (R, Hkv, S, D) (views into the KV cache are read in place), mask (B, 1, 1, S) bool; query b attends to
+    k[rows[b]] (rows (B,) int64, the cache row of each token of a prompt pass), or k[b] without rows (a decode
+    step). Other shapes, dtypes or layouts go to PyTorch's SDPA."""
 
     def __init__(self, kernels: CpuKernels) -> None:
         self.kernels = kernels
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
         B, H, T, D = q.shape
         S = k.shape[2]
         if not (T == 1 and q.dtype == k.dtype == v.dtype == torch.float32 and k.stride() == v.stride()
-                and k.stride(-1) == 1 and mask.shape == (B, 1, 1, S) and q.device.type == "cpu"):
+                and k.stride(-1) == 1 and mask.shape == (B, 1, 1, S) and q.device.type == "cpu"
+                and (rows is None or rows.dtype == torch.long)):
+            if rows is not None:
+                k, v = k[rows], v[rows]
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != H)
         q = q.contiguous()  # (B, H, 1, D)
         allowed = mask.reshape(B, S).contiguous().view(torch.uint8)  # (B, S)
+        rows = None if rows is None else rows.contiguous()
         y = torch.empty_like(q)  # (B, H, 1, D)
         threads = torch.get_num_threads()
         scores = torch.empty(threads * HEADS_AT_ONCE * S)
-        self.kernels.decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), allowed.data_ptr(), y.data_ptr(),
-                                      B, H, k.shape[1], S, D, k.stride(0), k.stride(1), k.stride(2), H * D, D ** -0.5,
+        self.kernels.decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), allowed.data_ptr(),
+                                      None if rows is None else rows.data_ptr(), y.data_ptr(), B, H, k.shape[1], S,
+                                      D, k.stride(0), k.stride(1), k.stride(2), H * D, D ** -0.5,
                                       scores.data_ptr(), threads)
         return y
 

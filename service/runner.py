@@ -1,11 +1,12 @@
 """The tensors side of the engine: owns the model and the KV cache, and runs the scheduler's plan.
 
-One step = row moves (cache compaction), batched prefill chunks (right-padded, one forward per group of
-similar lengths), then one decode forward over cache rows 0..m, where m is the highest decoding row: rows
-in that block that are not decoding this step (still prefilling) ride along as padding (position -1), so
-decode never gathers cache rows. On CUDA the decode forward is captured as CUDA graphs for a few bucketed
-batch sizes and replayed; on CPU float32 models run on our own kernels (service/cpu_kernels.py), and decode steps of
-decoder-only pre-norm models run as one call into the kernels (service/cpu_decode.py).
+One step = row moves (cache compaction), the prefill chunks in one forward pass (back to back, no padding: each
+token attends over its own sequence's cache row), then one decode forward over cache rows 0..m, where m is the
+highest decoding row: rows in that block that are not decoding this step (still prefilling) ride along as
+padding (position -1), so decode never gathers cache rows. On CUDA the decode forward is captured as CUDA graphs
+for a few bucketed batch sizes and replayed; on CPU float32 models run on our own kernels
+(service/cpu_kernels.py), and decode steps of decoder-only pre-norm models run as one call into the kernels
+(service/cpu_decode.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from model.kv_cache import KVCache
-from model.model import Transformer
+from model.model import Ragged, Transformer
 from service.cpu_decode import CpuDecodeStep
 from service.cpu_kernels import CacheWriter, kernels, use_cpu_kernels
 from service.scheduler import PrefillChunk
@@ -126,24 +127,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, chunks: list[PrefillChunk], token_ids: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-        """Runs prompt chunks into the cache; returns (V,) logits for each sequence whose prompt completed."""
-        out: dict[str, torch.Tensor] = {}
-        for group in _length_groups(chunks):
-            width = max(c.end - c.start for c in group)
-            ids = torch.zeros(len(group), width, dtype=torch.long)
-            positions = torch.full((len(group), width), -1, dtype=torch.long)
-            for i, c in enumerate(group):
-                n = c.end - c.start
-                ids[i, :n] = torch.tensor(token_ids[c.seq.request_id][c.start:c.end])
-                positions[i, :n] = torch.arange(c.start, c.end)
-            logits = self.model(ids.to(self.device), positions.to(self.device), cache=self.cache,
-                                cache_rows=self.tensor([c.seq.row for c in group]),
-                                logits_at=self.tensor([c.end - c.start - 1 for c in group]),
-                                kv_len=max(c.end for c in group))  # (G, V)
-            for i, c in enumerate(group):
-                if c.completes_prompt:
-                    out[c.seq.request_id] = logits[i]
-        return out
+        """Runs prompt chunks into the cache in one forward pass, back to back without padding; returns (V,)
+        logits for each sequence whose prompt completed."""
+        if not chunks:
+            return {}
+        ids = [t for c in chunks for t in token_ids[c.seq.request_id][c.start:c.end]]
+        positions = [p for c in chunks for p in range(c.start, c.end)]
+        ragged = Ragged(lengths=[c.end - c.start for c in chunks], rows=[c.seq.row for c in chunks],
+                        ends=[c.end for c in chunks])
+        logits = self.model(self.tensor(ids)[None], self.tensor(positions)[None], cache=self.cache,
+                            ragged=ragged)  # (S, V)
+        return {c.seq.request_id: logits[i] for i, c in enumerate(chunks) if c.completes_prompt}
 
     @torch.inference_mode()
     def decode(self, inputs: list[DecodeInput]) -> torch.Tensor:
@@ -186,29 +180,6 @@ class ModelRunner:
             kwargs = dict(source_ids=src.to(self.device), source_lengths=self.tensor([len(s) for s in sources]))
         return self.model(ids.to(self.device), positions.to(self.device),
                           logits_at=self.tensor([len(p) - 1 for p in prompts]), **kwargs)
-
-
-# what one more forward pass costs, in tokens of compute: on our 2-core CPU a padded token of GPT-2 small costs
-# ~1.3 ms, another pass (one more read of the output layer, ~5 ms of Python) ~15-25 ms
-PASS_COST_TOKENS = 16
-
-
-def _length_groups(chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
-    """Splits the chunks, longest first, into right-padded groups that minimise the work: padded tokens (every
-    padding slot costs a full token of compute) plus PASS_COST_TOKENS per group. Exact, by dynamic programming
-    over the sorted lengths (a group of consecutive lengths is as wide as its first)."""
-    ordered = sorted(chunks, key=lambda c: c.start - c.end)  # longest first
-    lengths = [c.end - c.start for c in ordered]
-    n = len(ordered)
-    best = [0] + [0.0] * n  # best[j]: least cost of the first j chunks
-    split = [0] * (n + 1)  # where the last group of the first j chunks starts
-    for j in range(1, n + 1):
-        best[j], split[j] = min((best[i] + (j - i) * lengths[i] + PASS_COST_TOKENS, i) for i in range(j))
-    groups: list[list[PrefillChunk]] = []
-    while n:
-        groups.insert(0, ordered[split[n]:n])
-        n = split[n]
-    return groups
 
 
 class CudaGraphDecoder:

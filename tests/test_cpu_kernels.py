@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_model
+from test_model import check_ragged_pass
 from torch import nn
 
 from model.kv_cache import KVCache
@@ -154,6 +155,14 @@ def test_a_prompt_fills_the_cache_identically_alone_or_with_others(kernel):
 
 
 @needs_kernels
+@torch.no_grad()
+def test_a_ragged_pass_on_the_kernels_equals_each_sequence_alone(kernel, variant):
+    model = make_model(variant)
+    use_cpu_kernels(model, kernel)  # the prompt pass's attention: one kernel call per layer, every token over its row
+    check_ragged_pass(model)
+
+
+@needs_kernels
 def test_kernel_model_matches_the_plain_model_with_a_kv_cache(kernel, variant):
     plain = make_model(variant)
     fast = copy.deepcopy(plain)
@@ -270,6 +279,8 @@ def test_decode_attention_computes_what_sdpa_computes(kernel, heads, kv_heads, h
     one_by_one = torch.cat([attend(q[:, h:h + 1], k[:, h // group:h // group + 1], v[:, h // group:h // group + 1],
                                    mask) for h in range(heads)], dim=1)
     assert torch.equal(attend(q, k, v, mask), one_by_one)
+    rows = torch.tensor([2, 0, 2, 4, 1])  # each query over the cache row it names (a prompt pass: one per token)
+    assert torch.equal(attend(q, k, v, mask, rows), attend(q, k[rows], v[rows], mask))
 
 
 @needs_kernels

@@ -314,33 +314,6 @@ def test_cuda_engine_with_graphs_matches_cpu(tokenizer):
     assert agree >= 7  # float32 on both; a rare near-tie may flip one token
 
 
-def test_prefill_groups_cover_every_chunk_once_at_the_least_cost():
-    import itertools
-
-    from service.runner import PASS_COST_TOKENS, _length_groups
-    from service.scheduler import PrefillChunk, Sequence
-
-    def cost(groups):
-        return sum(len(g) * max(c.end - c.start for c in g) + PASS_COST_TOKENS for g in groups)
-
-    lengths = [32 + (i * 13) % 33 - 16 for i in range(32)] + [1, 2, 300]  # 16..48 as in bench/decode.py
-    chunks = [PrefillChunk(Sequence(f"r{i}", n, 8), 0, n) for i, n in enumerate(lengths)]
-    groups = _length_groups(chunks)
-    assert sorted(id(c) for g in groups for c in g) == sorted(id(c) for c in chunks)
-    for group in groups:
-        sizes = [c.end - c.start for c in group]
-        assert sizes[0] == max(sizes)  # the first chunk sets the width
-    assert [c.end - c.start for c in groups[0]] == [300]  # a long prompt never pads short ones to its length
-    assert cost(groups) - PASS_COST_TOKENS * len(groups) < 1.1 * sum(lengths)  # little padding...
-    assert 2 < len(groups) < len(chunks) / 3  # ...and similar lengths still share a forward pass
-    # no split of the sorted lengths into consecutive groups costs less (all of them, for 10 chunks)
-    few = sorted(chunks[:10], key=lambda c: c.start - c.end)
-    for cuts in itertools.product([False, True], repeat=9):
-        bounds = [0] + [i + 1 for i, cut in enumerate(cuts) if cut] + [10]
-        assert cost(_length_groups(few)) <= cost([few[a:b] for a, b in zip(bounds, bounds[1:])])
-    assert _length_groups([]) == []
-
-
 def _threads() -> int:
     return len(os.listdir("/proc/self/task"))
 

@@ -1,11 +1,12 @@
 /* lmserve's decode attention and KV-cache writes (float32, AVX2 + FMA, OpenMP); built with cpu.c.
  *
  * lmserve_decode_attention_f32: one query per (sequence, head) against that sequence's cached keys and values,
- * read once, in place in the KV cache. A decode step's attention reads the whole cache from memory (32 sequences
- * of ~64 tokens of GPT-2 small: ~150 MB a step), so what counts is how many streams are in flight: a sequence's
- * heads are taken HEADS_AT_ONCE at a time, side by side (their key rows, then their value rows, interleaved),
- * which reads at 21-23 GB/s where one head at a time read at 17 (0.78-0.82x the time). Each head's numbers are
- * exactly those of attending to it alone.
+ * read once, in place in the KV cache; also a prompt pass's attention, each token a query over its sequence's
+ * cache row. A decode step's attention reads the whole cache from memory (32 sequences of ~64 tokens of GPT-2
+ * small: ~150 MB a step), so what counts is how many streams are in flight: a sequence's heads are taken
+ * HEADS_AT_ONCE at a time, side by side (their key rows, then their value rows, interleaved), which reads at
+ * 21-23 GB/s where one head at a time read at 17 (0.78-0.82x the time). Each head's numbers are exactly those of
+ * attending to it alone.
  *
  * lmserve_write_kv_f32: a pass's new keys and values into their KV-cache slots (a row copy per head and token,
  * where PyTorch's index_put_ spends ~20 us per call on indexing).
@@ -15,16 +16,6 @@
 #include <string.h>
 
 #include "cpu.h"
-
-/* sum(a[i] * b[i]) over n floats: 8 lanes, then the lanes, then the tail */
-static inline float dot(const float *a, const float *b, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    float s = _mm_cvtss_f32(lane_sums(acc, acc, acc, acc));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
 
 /* y += p * x over n floats */
 static inline void axpy(float p, const float *x, float *y, int64_t n) {
@@ -38,6 +29,7 @@ static inline void axpy(float p, const float *x, float *y, int64_t n) {
 typedef struct {
     const float *q, *k, *v;
     const uint8_t *mask;
+    const int64_t *rows;
     float *y;
     int64_t H, group, S, D, stride_b, stride_h, stride_s, q_stride;
     float scale;
@@ -53,18 +45,37 @@ static inline __attribute__((always_inline)) void attend_heads(const Attending *
     const uint8_t *allowed = a->mask + b * a->S;
     const int64_t S = a->S, D = a->D, stride_s = a->stride_s;
     for (int i = 0; i < n; i++) {
-        const int64_t at = b * a->stride_b + (h0 + i) / a->group * a->stride_h; /* the head's key/value group */
+        const int64_t row = a->rows ? a->rows[b] : b;
+        const int64_t at = row * a->stride_b + (h0 + i) / a->group * a->stride_h; /* the head's key/value group */
         q[i] = a->q + b * a->q_stride + (h0 + i) * D;
         k[i] = a->k + at, v[i] = a->v + at;
         out[i] = a->y + (b * a->H + h0 + i) * D;
         top[i] = -INFINITY, total[i] = 0.0f;
     }
-    for (int64_t s = 0; s < S; s++)
+    const int64_t D8 = D & ~(int64_t)7;
+    for (int64_t s = 0; s < S; s++) {
+        if (!allowed[s]) {
+            for (int i = 0; i < n; i++) p[i * S + s] = -INFINITY;
+            continue;
+        }
+        /* the heads' dot products side by side, their lanes summed in one go (each in the order it would be
+         * alone: 8 lanes, then the lanes, then the tail) */
+        __m256 acc[HEADS_AT_ONCE];
+        for (int i = 0; i < n; i++) acc[i] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D8; d += 8)
+            for (int i = 0; i < n; i++)
+                acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q[i] + d), _mm256_loadu_ps(k[i] + s * stride_s + d), acc[i]);
+        float sums[4];
+        _mm_storeu_ps(sums, lane_sums(acc[0], n > 1 ? acc[1] : acc[0], n > 2 ? acc[2] : acc[0],
+                                      n > 3 ? acc[3] : acc[0]));
         for (int i = 0; i < n; i++) {
-            const float score = allowed[s] ? dot(q[i], k[i] + s * stride_s, D) * a->scale : -INFINITY;
+            float score = sums[i];
+            for (int64_t d = D8; d < D; d++) score += q[i][d] * k[i][s * stride_s + d];
+            score *= a->scale;
             p[i * S + s] = score;
             top[i] = score > top[i] ? score : top[i];
         }
+    }
     for (int i = 0; i < n; i++) memset(out[i], 0, D * sizeof(float));
     for (int64_t s = 0; s < S; s++) {
         if (!allowed[s]) continue;
@@ -80,15 +91,15 @@ static inline __attribute__((always_inline)) void attend_heads(const Attending *
     }
 }
 
-/* softmax(q k^T * scale, masked) v for one query per (sequence b, head h):
- * q (B, H, D) with row stride q_stride (heads contiguous within a row); key/value (b, g, s, :) at
- * k/v + b*stride_b + g*stride_h + s*stride_s, where g = h / (H / Hkv) is the head's key/value group; mask (B, S)
- * bytes, nonzero = may attend (at least one per row); y (B, H, D). `p`: HEADS_AT_ONCE * S floats of this
- * thread's. */
-void attention_team(const float *q, const float *k, const float *v, const uint8_t *mask, float *y, int64_t B,
-                    int64_t H, int64_t Hkv, int64_t S, int64_t D, int64_t stride_b, int64_t stride_h,
-                    int64_t stride_s, int64_t q_stride, float scale, float *p) {
-    const Attending a = {q, k, v, mask, y, H, H / Hkv, S, D, stride_b, stride_h, stride_s, q_stride, scale};
+/* softmax(q k^T * scale, masked) v for one query per (query b, head h):
+ * q (B, H, D) with row stride q_stride (heads contiguous within a row); query b's key/value (g, s, :) at
+ * k/v + r*stride_b + g*stride_h + s*stride_s, where r = rows[b] (rows NULL: b) is its cache row and
+ * g = h / (H / Hkv) the head's key/value group; mask (B, S) bytes, nonzero = may attend (at least one per row);
+ * y (B, H, D). `p`: HEADS_AT_ONCE * S floats of this thread's. */
+void attention_team(const float *q, const float *k, const float *v, const uint8_t *mask, const int64_t *rows,
+                    float *y, int64_t B, int64_t H, int64_t Hkv, int64_t S, int64_t D, int64_t stride_b,
+                    int64_t stride_h, int64_t stride_s, int64_t q_stride, float scale, float *p) {
+    const Attending a = {q, k, v, mask, rows, y, H, H / Hkv, S, D, stride_b, stride_h, stride_s, q_stride, scale};
     const int64_t per_row = (H + HEADS_AT_ONCE - 1) / HEADS_AT_ONCE;
 #pragma omp for schedule(static)
     for (int64_t unit = 0; unit < B * per_row; unit++) {
@@ -103,12 +114,12 @@ void attention_team(const float *q, const float *k, const float *v, const uint8_
 }
 
 /* `scores` holds HEADS_AT_ONCE * S floats per thread. */
-void lmserve_decode_attention_f32(const float *q, const float *k, const float *v, const uint8_t *mask, float *y,
-                                  int64_t B, int64_t H, int64_t Hkv, int64_t S, int64_t D, int64_t stride_b,
-                                  int64_t stride_h, int64_t stride_s, int64_t q_stride, float scale, float *scores,
-                                  int threads) {
+void lmserve_decode_attention_f32(const float *q, const float *k, const float *v, const uint8_t *mask,
+                                  const int64_t *rows, float *y, int64_t B, int64_t H, int64_t Hkv, int64_t S,
+                                  int64_t D, int64_t stride_b, int64_t stride_h, int64_t stride_s, int64_t q_stride,
+                                  float scale, float *scores, int threads) {
 #pragma omp parallel num_threads(threads)
-    attention_team(q, k, v, mask, y, B, H, Hkv, S, D, stride_b, stride_h, stride_s, q_stride, scale,
+    attention_team(q, k, v, mask, rows, y, B, H, Hkv, S, D, stride_b, stride_h, stride_s, q_stride, scale,
                    scores + (int64_t)omp_get_thread_num() * HEADS_AT_ONCE * S);
 }
 
