@@ -15,7 +15,8 @@ pass or a decode step. `python bench/cpu_kernels.py` measures it against oneDNN 
 The activation kernel computes tanh-GELU, SiLU or ReLU in one vectorized pass. Decode attention (one query per
 sequence) reads each sequence's keys and values once, in place in the KV cache, 4 heads side by side: 0.65 ms
 per layer for 32 sequences of 65 tokens (GPT-2 small shape, 12 layers' caches read from memory in turn) against
-1.3 ms for PyTorch's CPU SDPA, which is made for long queries.
+1.3 ms for PyTorch's CPU SDPA, which is made for long queries. A prompt pass (sequences back to back, no
+padding) runs every token through it as a query over its own sequence's cache row, one call per layer.
 
 The compiled library is cached under `$LMSERVE_KERNEL_DIR` (default `~/.cache/lmserve/kernels`), named by a
 hash of the source and flags. Where it cannot be built or run (no compiler, no AVX2, not x86-64), the model
