@@ -88,12 +88,6 @@ class KVCache:
             k_layer.view(-1, head_dim).index_put_((write_index,), k.reshape(-1, head_dim))
             v_layer.view(-1, head_dim).index_put_((write_index,), v.reshape(-1, head_dim))
 
-    def row(self, layer: int, row: int, length: int, cross: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """One row's first `length` keys and values (1, Hkv, length, D), in place (views): its self-attention
-        slots, or with `cross` its source tokens."""
-        k, v = (self.cross_k, self.cross_v) if cross else (self.k, self.v)
-        return k[layer, row:row + 1, :, :length], v[layer, row:row + 1, :, :length]
-
     def update(
         self,
         layer: int,
