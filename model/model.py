@@ -110,13 +110,10 @@ class AttentionContext:
     positions: torch.Tensor | None = None  # (B, T)
     decode_attention: Callable | None = None  # optional SDPA replacement for one query per sequence
     ragged: Ragged | None = None
-    token_rows: torch.Tensor | None = None  # ragged: each token's cache row (T,)
 
-    def one_per_sequence(self, keep: torch.Tensor) -> AttentionContext:
-        """A ragged pass's context for the rest of a layer whose self-attention kept only each sequence's `keep`
-        token."""
-        return replace(self, ragged=replace(self.ragged, lengths=[1] * len(self.ragged.lengths)),
-                       token_rows=self.token_rows[keep], positions=self.positions[:, keep])
+    def one_per_sequence(self) -> AttentionContext:
+        """A ragged pass's context for the rest of a layer whose self-attention kept one token per sequence."""
+        return replace(self, ragged=replace(self.ragged, lengths=[1] * len(self.ragged.lengths)))
 
 
 class Attention(nn.Module):
@@ -191,32 +188,31 @@ class Attention(nn.Module):
 
     def ragged_attention(self, x: torch.Tensor, ctx: AttentionContext, layer: int, keep: torch.Tensor | None
                          ) -> torch.Tensor:
-        """Attention for sequences back to back on one row (`ctx.ragged`), each token over its own row of the
-        cache: (1, T, C) -> (1, H, T, D), or (1, H, S, D) with `keep` (each sequence's last query only)."""
+        """Attention for sequences back to back on one row (`ctx.ragged`), one sequence at a time over its own row
+        of the cache, in place: (1, T, C) -> (1, H, T, D), or (1, H, S, D) with `keep` (each sequence's last
+        query only)."""
         r, cache = ctx.ragged, ctx.cache
-        rows, positions, lengths = ctx.token_rows, ctx.positions[0], r.lengths  # (T,), (T,)
+        lengths, firsts = r.lengths, [end - n for end, n in zip(r.ends, r.lengths)]  # queries, first query's position
         if self.cross:
             q = self.heads(self.q_proj(x), self.n_heads)  # (1, H, T, D)
-            k, v = cache.cross_k[layer], cache.cross_v[layer]  # (rows, Hkv, S_src, D)
-            allowed = torch.arange(k.shape[2], device=x.device) < cache.source_lengths[rows][:, None]  # (T, S_src)
+            ends = cache.source_lengths[torch.tensor(r.rows, device=x.device)].tolist()  # each row's source tokens
+            k_cache, v_cache, firsts = cache.cross_k[layer], cache.cross_v[layer], None  # every query sees all
         else:
-            q, k_new, v_new = self.project_qkv(x)  # (1, H, T, D), (1, Hkv, T, D) x 2
+            q, k, v = self.project_qkv(x)  # (1, H, T, D), (1, Hkv, T, D) x 2
             if ctx.rope is not None:
-                q, k_new = apply_rope(q, *ctx.rope), apply_rope(k_new, *ctx.rope)
-            cache.write(layer, ctx.cache_index, k_new, v_new)
+                q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+            cache.write(layer, ctx.cache_index, k, v)
+            ends, k_cache, v_cache = r.ends, cache.k[layer], cache.v[layer]
             if keep is not None:
-                q, rows, positions, lengths = q[:, :, keep], rows[keep], positions[keep], [1] * len(lengths)
-            kv_len = max(r.ends)
-            k, v = cache.k[layer, :, :, :kv_len], cache.v[layer, :, :, :kv_len]  # (rows, Hkv, S, D), in place
-            allowed = torch.arange(kv_len, device=x.device) <= positions[:, None]  # (T, S)
-        if ctx.decode_attention is not None:  # an engine's kernel: every query in one call, each over its row
-            y = ctx.decode_attention(q[0].transpose(0, 1)[:, :, None], k, v, allowed[:, None, None], rows)
-            return y[:, :, 0].transpose(0, 1)[None]  # (T, H, 1, D) -> (1, H, T, D)
+                q, lengths, firsts = q[:, :, keep], [1] * len(lengths), None  # each one's last query: sees all
         outputs, start = [], 0
-        for row, n in zip(r.rows, lengths):  # one sequence at a time
-            keys, values, mask = k[row:row + 1], v[row:row + 1], allowed[start:start + n]
-            outputs.append(F.scaled_dot_product_attention(q[:, :, start:start + n], keys, values, attn_mask=mask,
-                                                          enable_gqa=self.n_kv_heads != self.n_heads))
+        for s, (row, n, end) in enumerate(zip(r.rows, lengths, ends)):
+            causal, mask = firsts is not None and firsts[s] == 0 and n > 1, None  # a whole prompt: the causal kernel
+            if firsts is not None and firsts[s] > 0 and n > 1:  # a chunk continuing a cached prefix
+                mask = torch.arange(end, device=x.device) <= firsts[s] + torch.arange(n, device=x.device)[:, None]
+            outputs.append(F.scaled_dot_product_attention(
+                q[:, :, start:start + n], k_cache[row:row + 1, :, :end], v_cache[row:row + 1, :, :end],
+                attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads))  # (1, H, n, D)
             start += n
         return torch.cat(outputs, dim=2)
 
@@ -276,7 +272,7 @@ class Block(nn.Module):
             kept = x[torch.arange(x.shape[0], device=x.device), keep][:, None]
         x = self.residual(x, self.attn_norm, lambda h: self.self_attn(h, ctx, layer, keep), kept)
         if keep is not None and ctx.ragged is not None:
-            ctx = ctx.one_per_sequence(keep)  # for the rest of the layer
+            ctx = ctx.one_per_sequence()  # for the rest of the layer
         if self.cross_attn is not None:
             x = self.residual(x, self.cross_attn_norm, lambda h: self.cross_attn(h, ctx, layer))
         return self.residual(x, self.mlp_norm, self.mlp)
@@ -394,8 +390,8 @@ class Transformer(nn.Module):
         ctx = AttentionContext(mask=None, rope=self.rope_for(positions), positions=positions,
                                decode_attention=None if self.training else self.decode_attention, ragged=ragged)
         if ragged is not None:  # each token's own cache row
-            ctx.token_rows = torch.tensor(ragged.rows).repeat_interleave(torch.tensor(ragged.lengths)).to(device)
-            ctx.cache, ctx.cache_index = cache, cache.write_index(ctx.token_rows[None], positions)
+            token_rows = torch.tensor(ragged.rows).repeat_interleave(torch.tensor(ragged.lengths)).to(device)  # (T,)
+            ctx.cache, ctx.cache_index = cache, cache.write_index(token_rows[None], positions)
         elif cache is not None:
             ctx.cache, ctx.cache_rows, ctx.cache_index = cache, cache_rows, cache.write_index(cache_rows, positions)
             ctx.kv_len = kv_len if kv_len is not None else int(positions.max()) + 1

@@ -15,8 +15,8 @@ pass or a decode step. `python bench/cpu_kernels.py` measures it against oneDNN 
 The activation kernel computes tanh-GELU, SiLU or ReLU in one vectorized pass. Decode attention (one query per
 sequence) reads each sequence's keys and values once, in place in the KV cache, 4 heads side by side: 0.65 ms
 per layer for 32 sequences of 65 tokens (GPT-2 small shape, 12 layers' caches read from memory in turn) against
-1.3 ms for PyTorch's CPU SDPA, which is made for long queries. A prompt pass (sequences back to back, no
-padding) runs every token through it as a query over its own sequence's cache row, one call per layer.
+1.3 ms for PyTorch's CPU SDPA, which is made for long queries (prompt passes use SDPA: at 32 queries and up it is
+3-7x faster than one query at a time).
 
 The compiled library is cached under `$LMSERVE_KERNEL_DIR` (default `~/.cache/lmserve/kernels`), named by a
 hash of the source and flags. Where it cannot be built or run (no compiler, no AVX2, not x86-64), the model
@@ -54,7 +54,7 @@ _pointer, _int64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "lmserve_linear_f32": [_pointer] * 4 + [_int64] * 3 + [ctypes.c_int] + [_pointer] * 2 + [ctypes.c_int, _pointer],
     "lmserve_activation_f32": [_pointer] * 2 + [_int64, ctypes.c_int, ctypes.c_int],
-    "lmserve_decode_attention_f32": [_pointer] * 6 + [_int64] * 9 + [ctypes.c_float, _pointer, ctypes.c_int],
+    "lmserve_decode_attention_f32": [_pointer] * 5 + [_int64] * 9 + [ctypes.c_float, _pointer, ctypes.c_int],
     "lmserve_write_kv_f32": [_pointer] * 5 + [_int64] * 10,
     "lmserve_norm_f32": [_pointer] * 4 + [_int64] * 2 + [ctypes.c_float, ctypes.c_int, ctypes.c_int],
     "lmserve_decode_step_f32": [_pointer] * 3 + [_int64] * 2 + [_pointer] * 2 + [ctypes.c_int],
@@ -232,33 +232,26 @@ def swappable_norm(module: nn.Module) -> bool:
 
 
 class DecodeAttention:
-    """`F.scaled_dot_product_attention(q, k, v, attn_mask=mask)` for one query per batch row: q (B, H, 1, D),
-    k/v (R, Hkv, S, D) (views into the KV cache are read in place), mask (B, 1, 1, S) bool; query b attends to
-    k[rows[b]] (rows (B,) int64, the cache row of each token of a prompt pass), or k[b] without rows (a decode
-    step). Other shapes, dtypes or layouts go to PyTorch's SDPA."""
+    """`F.scaled_dot_product_attention(q, k, v, attn_mask=mask)` for one query per sequence: q (B, H, 1, D),
+    k/v (B, Hkv, S, D) (views into the KV cache are read in place), mask (B, 1, 1, S) bool. Other shapes,
+    dtypes or layouts go to PyTorch's SDPA."""
 
     def __init__(self, kernels: CpuKernels) -> None:
         self.kernels = kernels
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                 rows: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, H, T, D = q.shape
         S = k.shape[2]
         if not (T == 1 and q.dtype == k.dtype == v.dtype == torch.float32 and k.stride() == v.stride()
-                and k.stride(-1) == 1 and mask.shape == (B, 1, 1, S) and q.device.type == "cpu"
-                and (rows is None or rows.dtype == torch.long)):
-            if rows is not None:
-                k, v = k[rows], v[rows]
+                and k.stride(-1) == 1 and mask.shape == (B, 1, 1, S) and q.device.type == "cpu"):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != H)
         q = q.contiguous()  # (B, H, 1, D)
         allowed = mask.reshape(B, S).contiguous().view(torch.uint8)  # (B, S)
-        rows = None if rows is None else rows.contiguous()
         y = torch.empty_like(q)  # (B, H, 1, D)
         threads = torch.get_num_threads()
         scores = torch.empty(threads * HEADS_AT_ONCE * S)
-        self.kernels.decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), allowed.data_ptr(),
-                                      None if rows is None else rows.data_ptr(), y.data_ptr(), B, H, k.shape[1], S,
-                                      D, k.stride(0), k.stride(1), k.stride(2), H * D, D ** -0.5,
+        self.kernels.decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), allowed.data_ptr(), y.data_ptr(),
+                                      B, H, k.shape[1], S, D, k.stride(0), k.stride(1), k.stride(2), H * D, D ** -0.5,
                                       scores.data_ptr(), threads)
         return y
 

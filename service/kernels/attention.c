@@ -1,12 +1,11 @@
 /* lmserve's decode attention and KV-cache writes (float32, AVX2 + FMA, OpenMP); built with cpu.c.
  *
  * lmserve_decode_attention_f32: one query per (sequence, head) against that sequence's cached keys and values,
- * read once, in place in the KV cache; also a prompt pass's attention, each token a query over its sequence's
- * cache row. A decode step's attention reads the whole cache from memory (32 sequences of ~64 tokens of GPT-2
- * small: ~150 MB a step), so what counts is how many streams are in flight: a sequence's heads are taken
- * HEADS_AT_ONCE at a time, side by side (their key rows, then their value rows, interleaved), which reads at
- * 21-23 GB/s where one head at a time read at 17 (0.78-0.82x the time). Each head's numbers are exactly those of
- * attending to it alone.
+ * read once, in place in the KV cache. A decode step's attention reads the whole cache from memory (32 sequences
+ * of ~64 tokens of GPT-2 small: ~150 MB a step), so what counts is how many streams are in flight: a sequence's
+ * heads are taken HEADS_AT_ONCE at a time, side by side (their key rows, then their value rows, interleaved),
+ * which reads at 21-23 GB/s where one head at a time read at 17 (0.78-0.82x the time). Each head's numbers are
+ * exactly those of attending to it alone.
  *
  * lmserve_write_kv_f32: a pass's new keys and values into their KV-cache slots (a row copy per head and token,
  * where PyTorch's index_put_ spends ~20 us per call on indexing).
@@ -29,7 +28,6 @@ static inline void axpy(float p, const float *x, float *y, int64_t n) {
 typedef struct {
     const float *q, *k, *v;
     const uint8_t *mask;
-    const int64_t *rows;
     float *y;
     int64_t H, group, S, D, stride_b, stride_h, stride_s, q_stride;
     float scale;
@@ -45,8 +43,7 @@ static inline __attribute__((always_inline)) void attend_heads(const Attending *
     const uint8_t *allowed = a->mask + b * a->S;
     const int64_t S = a->S, D = a->D, stride_s = a->stride_s;
     for (int i = 0; i < n; i++) {
-        const int64_t row = a->rows ? a->rows[b] : b;
-        const int64_t at = row * a->stride_b + (h0 + i) / a->group * a->stride_h; /* the head's key/value group */
+        const int64_t at = b * a->stride_b + (h0 + i) / a->group * a->stride_h; /* the head's key/value group */
         q[i] = a->q + b * a->q_stride + (h0 + i) * D;
         k[i] = a->k + at, v[i] = a->v + at;
         out[i] = a->y + (b * a->H + h0 + i) * D;
@@ -91,15 +88,15 @@ static inline __attribute__((always_inline)) void attend_heads(const Attending *
     }
 }
 
-/* softmax(q k^T * scale, masked) v for one query per (query b, head h):
- * q (B, H, D) with row stride q_stride (heads contiguous within a row); query b's key/value (g, s, :) at
- * k/v + r*stride_b + g*stride_h + s*stride_s, where r = rows[b] (rows NULL: b) is its cache row and
- * g = h / (H / Hkv) the head's key/value group; mask (B, S) bytes, nonzero = may attend (at least one per row);
- * y (B, H, D). `p`: HEADS_AT_ONCE * S floats of this thread's. */
-void attention_team(const float *q, const float *k, const float *v, const uint8_t *mask, const int64_t *rows,
-                    float *y, int64_t B, int64_t H, int64_t Hkv, int64_t S, int64_t D, int64_t stride_b,
-                    int64_t stride_h, int64_t stride_s, int64_t q_stride, float scale, float *p) {
-    const Attending a = {q, k, v, mask, rows, y, H, H / Hkv, S, D, stride_b, stride_h, stride_s, q_stride, scale};
+/* softmax(q k^T * scale, masked) v for one query per (sequence b, head h):
+ * q (B, H, D) with row stride q_stride (heads contiguous within a row); key/value (b, g, s, :) at
+ * k/v + b*stride_b + g*stride_h + s*stride_s, where g = h / (H / Hkv) is the head's key/value group; mask (B, S)
+ * bytes, nonzero = may attend (at least one per row); y (B, H, D). `p`: HEADS_AT_ONCE * S floats of this
+ * thread's. */
+void attention_team(const float *q, const float *k, const float *v, const uint8_t *mask, float *y, int64_t B,
+                    int64_t H, int64_t Hkv, int64_t S, int64_t D, int64_t stride_b, int64_t stride_h,
+                    int64_t stride_s, int64_t q_stride, float scale, float *p) {
+    const Attending a = {q, k, v, mask, y, H, H / Hkv, S, D, stride_b, stride_h, stride_s, q_stride, scale};
     const int64_t per_row = (H + HEADS_AT_ONCE - 1) / HEADS_AT_ONCE;
 #pragma omp for schedule(static)
     for (int64_t unit = 0; unit < B * per_row; unit++) {
@@ -114,12 +111,12 @@ void attention_team(const float *q, const float *k, const float *v, const uint8_
 }
 
 /* `scores` holds HEADS_AT_ONCE * S floats per thread. */
-void lmserve_decode_attention_f32(const float *q, const float *k, const float *v, const uint8_t *mask,
-                                  const int64_t *rows, float *y, int64_t B, int64_t H, int64_t Hkv, int64_t S,
-                                  int64_t D, int64_t stride_b, int64_t stride_h, int64_t stride_s, int64_t q_stride,
-                                  float scale, float *scores, int threads) {
+void lmserve_decode_attention_f32(const float *q, const float *k, const float *v, const uint8_t *mask, float *y,
+                                  int64_t B, int64_t H, int64_t Hkv, int64_t S, int64_t D, int64_t stride_b,
+                                  int64_t stride_h, int64_t stride_s, int64_t q_stride, float scale, float *scores,
+                                  int threads) {
 #pragma omp parallel num_threads(threads)
-    attention_team(q, k, v, mask, rows, y, B, H, Hkv, S, D, stride_b, stride_h, stride_s, q_stride, scale,
+    attention_team(q, k, v, mask, y, B, H, Hkv, S, D, stride_b, stride_h, stride_s, q_stride, scale,
                    scores + (int64_t)omp_get_thread_num() * HEADS_AT_ONCE * S);
 }
 

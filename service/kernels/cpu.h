@@ -35,9 +35,9 @@ void norm_team(const float *x, const float *weight, const float *bias, float *y,
 
 /* one query per (sequence, head) against the KV cache, as lmserve_decode_attention_f32; `scores`: this thread's
  * HEADS_AT_ONCE * S floats */
-void attention_team(const float *q, const float *k, const float *v, const uint8_t *mask, const int64_t *rows,
-                    float *y, int64_t B, int64_t H, int64_t Hkv, int64_t S, int64_t D, int64_t stride_b,
-                    int64_t stride_h, int64_t stride_s, int64_t q_stride, float scale, float *scores);
+void attention_team(const float *q, const float *k, const float *v, const uint8_t *mask, float *y, int64_t B,
+                    int64_t H, int64_t Hkv, int64_t S, int64_t D, int64_t stride_b, int64_t stride_h,
+                    int64_t stride_s, int64_t q_stride, float scale, float *scores);
 
 /* rotary embedding of `heads` consecutive heads of dim D at x, at `position`, as the model's apply_rope */
 void rope_row(float *x, int64_t heads, int64_t D, const float *table, int64_t position);

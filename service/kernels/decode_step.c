@@ -73,8 +73,8 @@ void lmserve_decode_step_f32(const StepModel *m, const int64_t *tokens, const in
                     memcpy(L->v_cache + to, row + (H + Hkv + g) * D, D * sizeof(float));
                 }
             }
-            attention_team(qkv, L->k_cache, L->v_cache, m->mask, NULL, m->attn, B, H, Hkv, kv_len, D,
-                           m->kv_stride_b, m->kv_stride_h, m->kv_stride_s, width, m->attn_scale, p);
+            attention_team(qkv, L->k_cache, L->v_cache, m->mask, m->attn, B, H, Hkv, kv_len, D, m->kv_stride_b,
+                           m->kv_stride_h, m->kv_stride_s, width, m->attn_scale, p);
             const Epilogue after_attention = {0, x, ACT_NONE};
             linear_team(m->attn, L->o, L->o_bias, &after_attention, mid, B, H * D, C, m->packed);
             norm_team(mid, L->mlp_norm_weight, L->mlp_norm_bias, h, B, C, m->norm_eps, m->rms);
