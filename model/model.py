@@ -87,6 +87,7 @@ class Ragged:
     lengths: list[int]  # each sequence's tokens in this pass
     rows: list[int]  # each sequence's cache row
     ends: list[int]  # each sequence's length once this pass is done (its last position here + 1)
+    sources: list[int] | None = None  # encoder-decoder: each row's source tokens in the cross cache (forward's)
 
     @property
     def last_tokens(self) -> list[int]:
@@ -195,8 +196,7 @@ class Attention(nn.Module):
         lengths, firsts = r.lengths, [end - n for end, n in zip(r.ends, r.lengths)]  # queries, first query's position
         if self.cross:
             q = self.heads(self.q_proj(x), self.n_heads)  # (1, H, T, D)
-            ends = cache.source_lengths[torch.tensor(r.rows, device=x.device)].tolist()  # each row's source tokens
-            k_cache, v_cache, firsts = cache.cross_k[layer], cache.cross_v[layer], None  # every query sees all
+            ends, k_cache, v_cache, firsts = r.sources, cache.cross_k[layer], cache.cross_v[layer], None  # sees all
         else:
             q, k, v = self.project_qkv(x)  # (1, H, T, D), (1, Hkv, T, D) x 2
             if ctx.rope is not None:
@@ -446,7 +446,10 @@ class Transformer(nn.Module):
             logits_at = torch.tensor(ragged.last_tokens, device=input_ids.device)
         ctx = self._self_attention_context(positions, T, B, input_ids.device, cache, cache_rows, kv_len, ragged)
         positions = ctx.positions
-        if self.config.is_encoder_decoder and ragged is None:  # (ragged passes read the cache's cross K/V)
+        if self.config.is_encoder_decoder and ragged is not None:  # ragged passes read the cache's cross K/V
+            rows = torch.tensor(ragged.rows, device=cache.source_lengths.device)
+            ctx.ragged = replace(ragged, sources=cache.source_lengths[rows].tolist())
+        elif self.config.is_encoder_decoder:
             if source_ids is not None:
                 memory = self.encode(source_ids, source_lengths)
             self._add_cross_attention(ctx, B, memory, source_lengths, cache, cache_rows)

@@ -130,6 +130,11 @@ def test_prompt_passes_and_decode_steps_run_every_linear_layer_on_the_kernel(ker
     runner.last_token_logits([[1, 2, 3], [4]])  # next-token distributions: a padded prompt pass
     assert [rows for rows, out in calls if out != vocab] == [6] * (4 * layers - 3) + [2] * 3
     assert calls[-1] == (2, vocab)
+    calls.clear()  # prompts of different lengths: one pass over exactly their tokens, no padding
+    long, short = Sequence("b", prompt_len=20, max_new_tokens=4, row=1), Sequence("c", 2, 4, row=0)
+    runner.prefill([PrefillChunk(long, 0, 20), PrefillChunk(short, 0, 2)], {"b": list(range(20)), "c": [7, 8]})
+    assert [rows for rows, out in calls if out != vocab] == [22] * (4 * layers - 3) + [2] * 3
+    assert calls[-1] == (2, vocab)
 
 
 @needs_kernels
