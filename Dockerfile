@@ -44,7 +44,7 @@ RUN pip install --no-cache-dir --no-deps . && python -c "import model, service"
 RUN set -eux; \
     if [ "$CPU_KERNEL" = "1" ]; then \
         apt-get update; apt-get install -y --no-install-recommends gcc libc6-dev; \
-        python -m service.cpu_kernels; \
+        python -m service.backends.cpu.library; \
         apt-get purge -y --auto-remove gcc libc6-dev binutils; apt-get clean; rm -rf /var/lib/apt/lists/*; \
     fi
 COPY checkpoints/default ./checkpoints/default

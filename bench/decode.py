@@ -28,14 +28,14 @@ from pathlib import Path
 
 import torch
 
-from model import memory
 from model.checkpoint import Checkpoint, GenerationConfig
 from model.config import ModelConfig
 from model.model import Transformer
 from model.tokenizer import Tokenizer
-from service.engine import Engine, EngineConfig
-from service.requests import GenerationParams, GenerationRequest
-from service.runner import release_cpu_threads
+from service.backends.cpu import pages
+from service.backends.cpu.threads import release_cpu_threads
+from service.engine.engine import Engine, EngineConfig
+from service.engine.request import GenerationParams, GenerationRequest
 
 PROMPT, NEW = 32, 64
 GPT2_SMALL = dict(vocab_size=50257, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -61,8 +61,9 @@ def best_of(fn, repeats: int, device: torch.device) -> float:
 
 def read_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Bytes/s that a full pass over a large buffer reads (a sum touches each byte once). On the CPU the buffer is
-    on 2 MiB pages, as the engine's weights and KV cache are (model/memory.py): a sum reads ~10% faster there."""
-    x = memory.zeros((nbytes // 4,)).fill_(1.0) if device.type == "cpu" else torch.ones(nbytes // 4, device=device)
+    on 2 MiB pages, as the engine's weights and KV cache are (service/backends/cpu/pages.py): a sum reads
+    ~10% faster there."""
+    x = pages.zeros((nbytes // 4,)).fill_(1.0) if device.type == "cpu" else torch.ones(nbytes // 4, device=device)
     x.sum()
     return nbytes / best_of(lambda: x.sum().item(), 5, device)
 

@@ -34,11 +34,11 @@ from decode import GPT2_SMALL  # noqa: E402
 
 from model.checkpoint import save_checkpoint  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
-from model.init import stdlib_sample  # noqa: E402
 from model.model import Transformer  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
-from service.engine import Engine, EngineConfig  # noqa: E402
-from service.requests import GenerationParams, GenerationRequest  # noqa: E402
+from model.training.init import stdlib_sample  # noqa: E402
+from service.engine.engine import Engine, EngineConfig  # noqa: E402
+from service.engine.request import GenerationParams, GenerationRequest  # noqa: E402
 
 NEW_TOKENS = 64
 ROOT = Path(__file__).resolve().parents[1]

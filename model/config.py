@@ -192,7 +192,7 @@ class ModelConfig:
             raise ConfigError(f"config.json: {e}") from e
 
 
-# Named architectures for `python -m model.init` and the tests: one per family the config expresses.
+# Named architectures for `python -m model.training.init` and the tests: one per family the config expresses.
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     # Llama layout: pre-norm RMSNorm, RoPE, SwiGLU, grouped-query attention, tied embeddings, no biases
     "tiny-llama": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,

@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 import torch
 
-from model import memory
 from model.config import ModelConfig
 
 
@@ -35,6 +34,7 @@ class KVCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         max_source_len: int | None = None,
+        zeros: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         if max_seq_len > config.max_position_embeddings:
             raise ValueError(
@@ -44,10 +44,10 @@ class KVCache:
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         layers, heads, head_dim = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
         shape = (layers, batch_size, heads, max_seq_len + 1, head_dim)  # +1: the padding sink slot
-        # zeros, not empty: a padding query attends to slot 0, which must hold finite numbers; on the CPU on 2 MiB
-        # pages (model/memory.py): every decode step reads the cache from memory
-        if torch.device(device).type == "cpu":
-            self.k, self.v = memory.zeros(shape, dtype), memory.zeros(shape, dtype)
+        # zeros, not empty: a padding query attends to slot 0, which must hold finite numbers. An engine may bring
+        # its own allocator `zeros(shape, dtype)` (the CPU backend's puts the cache on 2 MiB pages)
+        if zeros is not None:
+            self.k, self.v = zeros(shape, dtype), zeros(shape, dtype)
         else:
             self.k = torch.zeros(shape, device=device, dtype=dtype)
             self.v = torch.zeros(shape, device=device, dtype=dtype)

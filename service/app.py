@@ -11,11 +11,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware import Middleware
 
-from service.engine import Engine
-from service.errors import install_error_handlers
-from service.lifecycle import ServerState
-from service.middleware import AccessLog, ApiKey, BodyLimit
-from service.routes import ROUTERS
+from service.api import ROUTERS
+from service.api.errors import install_error_handlers
+from service.api.lifecycle import ServerState
+from service.api.middleware import AccessLog, ApiKey, BodyLimit
+from service.engine.engine import Engine
 from service.settings import Settings
 
 DESCRIPTION = """A small Transformer language-model server.

@@ -26,7 +26,8 @@ def test_bundled_checkpoint_loads_and_its_card_is_complete(name):
     checkpoint = load_checkpoint(directory)
     text = card(name)
     assert f"{checkpoint.model.num_parameters():,}" in text  # the card states the real parameter count
-    assert "python -m model.train" in text and "python -m model.evaluate" in text  # how to reproduce it
+    # how to reproduce it
+    assert "python -m model.training.train" in text and "python -m model.training.evaluate" in text
     assert (directory / "loss_curve.png").stat().st_size > 10_000
     for path in directory.iterdir():
         assert path.suffix in {".json", ".safetensors", ".md", ".png"}, path  # no optimizer state, no pickle
@@ -47,8 +48,8 @@ def test_seq2seq_model_is_the_original_transformer():
 
 @pytest.mark.parametrize("name,metric", [("default", "bits_per_byte"), ("seq2seq-numbers", "exact_match")])
 def test_quick_evaluation_reproduces_the_model_card(name, metric):
-    match = re.search(r"quick check: `(python -m model\.evaluate [^`]+)`.*?RESULT .*?" + metric + r"=([0-9.]+)",
-                      card(name), re.S)
+    command = r"quick check: `(python -m model\.training\.evaluate [^`]+)`"
+    match = re.search(command + r".*?RESULT .*?" + metric + r"=([0-9.]+)", card(name), re.S)
     assert match, "the model card names a quick-check command and its RESULT"
     command, expected = match.group(1).split(), float(match.group(2))
     result = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, check=True)

@@ -184,7 +184,7 @@ def test_tokenizer_larger_than_vocab(saved):
 
 def test_no_pickle_in_the_product():
     """Checkpoints are safetensors only: nothing in model/ or service/ may unpickle."""
-    for path in [*ROOT.glob("model/*.py"), *ROOT.glob("service/**/*.py")]:
+    for path in [*ROOT.glob("model/**/*.py"), *ROOT.glob("service/**/*.py")]:
         text = path.read_text()
         for forbidden in ("torch.load(", "import pickle", "pickle.load", "import dill"):
             assert forbidden not in text, (path, forbidden)
@@ -196,7 +196,7 @@ def test_no_pickle_in_the_product():
 @pytest.mark.parametrize("preset,prompt", [("tiny-llama", "def hello("), ("tiny-original", "40213")])
 def test_init_then_generate_from_the_command_line(tmp_path, preset, prompt):
     out = tmp_path / preset
-    subprocess.run([sys.executable, "-m", "model.init", "--preset", preset, "--out", str(out),
+    subprocess.run([sys.executable, "-m", "model.training.init", "--preset", preset, "--out", str(out),
                     "--vocab-size", "300"], check=True, cwd=ROOT)
     result = subprocess.run([sys.executable, "-m", "model.generate", "--checkpoint", str(out), "--prompt", prompt,
                              "--max-new-tokens", "8"], check=True, cwd=ROOT, capture_output=True, text=True)

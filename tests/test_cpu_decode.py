@@ -10,9 +10,9 @@ import torch
 from conftest import DECODER_ONLY, ENCODER_DECODER, make_model
 from test_cpu_kernels import needs_kernels
 
-from service.cpu_decode import CpuDecodeStep
-from service.runner import DecodeInput, ModelRunner
-from service.scheduler import PrefillChunk, Sequence
+from service.backends.cpu.decode_step import CpuDecodeStep
+from service.engine.runner import DecodeInput, ModelRunner
+from service.engine.scheduler import PrefillChunk, Sequence
 
 COVERED = ["llama-gqa", "gpt2"]
 

@@ -21,29 +21,29 @@ from torch import nn
 
 from model.kv_cache import KVCache
 from model.model import Attention, FeedForward
-from service import cpu_kernels
-from service.cpu_kernels import (
-    ACTIVATIONS,
+from service.backends.cpu import library as cpu_library
+from service.backends.cpu.layers import (
     Activation,
     CacheWriter,
-    CpuKernels,
     DecodeAttention,
     KernelLinear,
+    argmax,
     pack,
     unpack,
     use_cpu_kernels,
 )
-from service.runner import DecodeInput, ModelRunner
-from service.scheduler import PrefillChunk, Sequence
+from service.backends.cpu.library import ACTIVATIONS, CpuKernels
+from service.engine.runner import DecodeInput, ModelRunner
+from service.engine.scheduler import PrefillChunk, Sequence
 
-CAN_BUILD = cpu_kernels.cpu_supported() and shutil.which("cc") is not None
+CAN_BUILD = cpu_library.cpu_supported() and shutil.which("cc") is not None
 # like the CUDA tests: where the hardware (or the compiler) is missing there is nothing to run them on
 needs_kernels = pytest.mark.skipif(not CAN_BUILD, reason="needs an x86-64 CPU with AVX2 and a C compiler")
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    library = cpu_kernels.kernels()
+    library = cpu_library.kernels()
     assert library is not None, "the CPU supports the kernels and cc is present, yet they did not build"
     return library
 
@@ -240,17 +240,17 @@ def test_bfloat16_weights_are_left_alone(kernel):
 
 
 def test_without_a_compiler_the_model_keeps_pytorch_layers(tmp_path, monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "cpu_supported", lambda: True)
-    assert cpu_kernels.load(tmp_path, compiler="/nonexistent/cc") is None
+    monkeypatch.setattr(cpu_library, "cpu_supported", lambda: True)
+    assert cpu_library.load(tmp_path, compiler="/nonexistent/cc") is None
     assert list(tmp_path.iterdir()) == []  # no half-built library left behind
 
 
 @needs_kernels
 def test_a_built_library_is_reused_without_compiling_again(kernel, tmp_path):
-    cpu_kernels.load(tmp_path)
-    built = tmp_path / cpu_kernels.library_name()
+    cpu_library.load(tmp_path)
+    built = tmp_path / cpu_library.library_name()
     stamp = built.stat().st_mtime_ns
-    library = cpu_kernels.load(tmp_path, compiler="/nonexistent/cc")  # would fail if it tried to build
+    library = cpu_library.load(tmp_path, compiler="/nonexistent/cc")  # would fail if it tried to build
     assert library is not None and built.stat().st_mtime_ns == stamp
     layer = KernelLinear(nn.Linear(16, 8), library)
     x = torch.randn(3, 16)
@@ -325,17 +325,17 @@ def test_argmax_picks_what_torch_argmax_picks(kernel, width):
     rows[5, 0] = 100.0
     rows[6] = rows[6].clamp(max=0.5)  # many equal maxima spread over every lane
     rows[7, :] = float("nan")
-    got = cpu_kernels.argmax(rows)
+    got = argmax(rows)
     assert got.dtype == torch.long and torch.equal(got, rows.argmax(dim=-1))
-    assert torch.equal(cpu_kernels.argmax(rows[3:4]), rows[3:4].argmax(dim=-1))  # one row: no threads
-    assert torch.equal(cpu_kernels.argmax(rows.double()), rows.double().argmax(dim=-1))  # other dtypes: PyTorch's
+    assert torch.equal(argmax(rows[3:4]), rows[3:4].argmax(dim=-1))  # one row: no threads
+    assert torch.equal(argmax(rows.double()), rows.double().argmax(dim=-1))  # other dtypes: PyTorch's
 
 
 def test_argmax_never_builds_the_kernels_itself(tmp_path):
     """A process that never loaded the kernels (an engine started without them) samples on PyTorch's argmax and
     compiles nothing: run in a fresh interpreter with an empty kernel directory."""
-    script = ("import torch; from service import cpu_kernels; x = torch.randn(3, 50); "
-              "assert torch.equal(cpu_kernels.argmax(x), x.argmax(dim=-1))")
+    script = ("import torch; from service.backends.cpu.layers import argmax; x = torch.randn(3, 50); "
+              "assert torch.equal(argmax(x), x.argmax(dim=-1))")
     env = {**os.environ, "LMSERVE_KERNEL_DIR": str(tmp_path)}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=Path(__file__).parents[1], timeout=120)
     assert list(tmp_path.iterdir()) == []

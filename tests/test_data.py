@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import model.data as data
-from model.data import (
+import model.training.data as data
+from model.tokenizer import EOS_TOKEN, Tokenizer
+from model.training.data import (
     NUMBERS_MAX,
     NumberSampler,
     cached_token_file,
@@ -28,7 +29,6 @@ from model.data import (
     token_dtype,
     tokenize_documents,
 )
-from model.tokenizer import EOS_TOKEN, Tokenizer
 
 DOCS = [
     ("a.py", "def add(a, b):\n    return a + b\n"),

@@ -16,8 +16,8 @@ from conftest import make_model
 from model.checkpoint import Checkpoint, GenerationConfig
 from model.generate import greedy_generate
 from model.tokenizer import Tokenizer
-from service.engine import Engine, EngineConfig, QueueFull
-from service.requests import FinishReason, GenerationParams, GenerationRequest
+from service.engine.engine import Engine, EngineConfig, QueueFull
+from service.engine.request import FinishReason, GenerationParams, GenerationRequest
 
 CORPUS = ["def add(a, b):\n    return a + b\n", "print('hello, world')", "你好，世界！数字和文字。", "🚀🌍 emoji 😀",
           "class Point:\n    x: int\n    y: int\n"] * 20
@@ -321,7 +321,7 @@ def _threads() -> int:
 @pytest.mark.skipif(not Path("/proc/self/task").exists() or torch.get_num_threads() < 2,
                     reason="counts the process's threads in Linux's /proc, with 2+ OpenMP threads")
 def test_release_cpu_threads_frees_the_callers_openmp_workers():
-    from service.runner import _openmp, release_cpu_threads
+    from service.backends.cpu.threads import _openmp, release_cpu_threads
 
     assert _openmp() is not None  # torch's CPU build runs on libgomp
     counts = {}

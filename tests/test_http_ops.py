@@ -18,7 +18,7 @@ import pytest
 from http_server import LiveServer, assert_error, make_checkpoint, sse_events, wait_idle, wait_until
 
 from service import cli
-from service.lifecycle import load_engine
+from service.api.lifecycle import load_engine
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

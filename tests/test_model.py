@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import DECODER_ONLY, ENCODER_DECODER, VOCAB, make_config, make_model
 
-from model import memory
 from model.config import ConfigError, ModelConfig
 from model.kv_cache import KVCache, bytes_per_token
 from model.model import Ragged, entropy, log_probs, probs
+from service.backends.cpu import pages
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -267,16 +267,16 @@ def test_kv_cache_memory_per_token_formula():
 
 
 def test_big_cpu_buffers_are_zeros_on_2mib_boundaries_and_outlive_their_mapping():
-    big = memory.zeros((3, 1 << 18), torch.float32)  # 3 MiB
+    big = pages.zeros((3, 1 << 18), torch.float32)  # 3 MiB
     assert big.shape == (3, 1 << 18) and big.dtype == torch.float32 and big.is_contiguous()
-    assert big.data_ptr() % memory.HUGE_PAGE == 0 and not big.any()
+    assert big.data_ptr() % pages.HUGE_PAGE == 0 and not big.any()
     gc.collect()  # only the tensor refers to the mapping now
     big[2, -1] = 7.0
     assert big.sum().item() == 7.0
-    small = memory.zeros((4, 5), torch.bfloat16)  # under 2 MiB: ordinary zeros
+    small = pages.zeros((4, 5), torch.bfloat16)  # under 2 MiB: ordinary zeros
     assert small.shape == (4, 5) and small.dtype == torch.bfloat16 and not small.any()
-    cache = KVCache(make_config("llama-gqa"), batch_size=256, max_seq_len=127)  # 2 x 4 MiB
-    assert cache.k.data_ptr() % memory.HUGE_PAGE == 0 and cache.v.data_ptr() % memory.HUGE_PAGE == 0
+    cache = KVCache(make_config("llama-gqa"), batch_size=256, max_seq_len=127, zeros=pages.zeros)  # 2 x 4 MiB
+    assert cache.k.data_ptr() % pages.HUGE_PAGE == 0 and cache.v.data_ptr() % pages.HUGE_PAGE == 0
     assert not cache.k.any() and not cache.v.any()
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from service.sampling import (
+from service.engine.sampling import (
     RowState,
     SamplingParams,
     apply_penalties,

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from service.scheduler import Scheduler, Sequence, Status
+from service.engine.scheduler import Scheduler, Sequence, Status
 
 
 def run_step(s: Scheduler, plan) -> None:

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint
-from model.data import numbers_heldout
-from model.evaluate import greedy_decode_batch
 from model.generate import greedy_generate
-from model.tasks import NumbersTask, TextTask
-from model.train import PRESETS, TrainConfig, lr_at, parse_args, train
+from model.training.data import numbers_heldout
+from model.training.evaluate import greedy_decode_batch
+from model.training.tasks import NumbersTask, TextTask
+from model.training.train import PRESETS, TrainConfig, lr_at, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["alpha", "beta", "gamma", "delta", "value", "count", "total", "index", "items", "result"]
@@ -94,7 +94,8 @@ def test_two_process_data_parallel_matches_one_process(corpus, tmp_path):
         port = probe.getsockname()[1]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                     "--master_addr=127.0.0.1",
-                    "-m", "model.train", *args], check=True, cwd=ROOT, env=env, timeout=120, capture_output=True)
+                    "-m", "model.training.train", *args], check=True, cwd=ROOT, env=env, timeout=120,
+                   capture_output=True)
     single, ddp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
     assert len(ddp) == 12
     for a, b in zip(single, ddp):
@@ -131,7 +132,7 @@ def test_batched_greedy_decoding_matches_one_at_a_time(tmp_path):
     cfg = TrainConfig(**PRESETS["seq2seq-numbers"] | dict(hidden_size=64, intermediate_size=128))
     task = NumbersTask(cfg, tmp_path, None, True, False)
     from model.model import Transformer
-    from model.train import model_config
+    from model.training.train import model_config
 
     torch.manual_seed(0)
     model = Transformer(model_config(cfg, task)).eval()

@@ -9,12 +9,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from service.errors import APIError, unavailable
-from service.lifecycle import ServerState
-from service.requests import MAX_STOP_STRINGS
-from service.routes.common import ServingDep
-from service.sampling import MAX_LOGPROBS
-from service.schemas import ErrorResponse
+from service.api.deps import ServingDep
+from service.api.errors import APIError, unavailable
+from service.api.lifecycle import ServerState
+from service.api.schemas import ErrorResponse
+from service.engine.request import MAX_STOP_STRINGS
+from service.engine.sampling import MAX_LOGPROBS
 
 router = APIRouter(tags=["operations"])
 NOT_OK = {503: {"model": ErrorResponse, "description": "see error.message"}}
@@ -24,7 +24,7 @@ def _state(request: Request) -> ServerState:
     return request.app.state.lmserve
 
 
-PLAYGROUND = Path(__file__).resolve().parents[1] / "static" / "playground.html"
+PLAYGROUND = Path(__file__).resolve().parent / "static" / "playground.html"
 
 
 @functools.cache

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from model.model import entropy, log_probs
-from service.cpu_kernels import argmax
+from service.backends.cpu.layers import argmax
 
 MAX_LOGPROBS = 20
 # temperatures below this are sampled greedily: logits / T would overflow and the distribution is one-hot anyway

@@ -20,7 +20,8 @@ import torch
 
 from model.kv_cache import KVCache
 from model.model import Transformer
-from service.cpu_kernels import ACTIVATIONS, HEADS_AT_ONCE, CpuKernels, KernelLinear, KernelNorm
+from service.backends.cpu.layers import HEADS_AT_ONCE, KernelLinear, KernelNorm
+from service.backends.cpu.library import ACTIVATIONS, CpuKernels
 
 _int64, _float, _int32, _pointer = ctypes.c_int64, ctypes.c_float, ctypes.c_int32, ctypes.c_void_p
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from model.data import (
+from model.model import Transformer
+from model.tokenizer import Tokenizer
+from model.training.config import TrainConfig
+from model.training.data import (
     NUMBERS_PRESET,
     NumberSampler,
     cached_token_file,
@@ -23,12 +26,7 @@ from model.data import (
     numbers_heldout,
     sample_windows,
 )
-from model.evaluate import EvalResult, evaluate_numbers, evaluate_text, seq2seq_batch
-from model.model import Transformer
-from model.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from model.train import TrainConfig
+from model.training.evaluate import EvalResult, evaluate_numbers, evaluate_text, seq2seq_batch
 
 TOKENIZER_SAMPLE_NUMBERS = 20_000  # number pairs the numbers tokenizer is trained on
 

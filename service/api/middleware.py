@@ -16,8 +16,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import APIError
-from service.metrics import Metrics
+from service.api.errors import APIError
+from service.api.metrics import Metrics
 
 access_log = logging.getLogger("lmserve.access")
 log = logging.getLogger(__name__)

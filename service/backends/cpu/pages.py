@@ -5,10 +5,8 @@ A CPU decode step reads every weight matrix and the whole KV cache from memory: 
 page-table walk and the hardware prefetchers stop at every page boundary. On 2 MiB pages the same bytes are
 ~330 pages. `zeros` asks Linux for them (transparent huge pages in `madvise` mode, the common default, give them
 only to memory that asks); where the kernel has none to give, or on another OS, the memory is ordinary pages.
-Measured on our 2-core EPYC with `bench/decode.py`'s model: 0.97x the decode step time at 32 sequences with the
-packed weights on 2 MiB pages, 0.98x with the KV cache (A/B in one process, alternating); the cache's attention
-alone 0.79x (7.5 against 9.4 ms a step). Only whole 2 MiB pages are advised, so the resident memory stays that
-of `torch.zeros` (GPT-2 small's 32-row engine: 1149 MB against 1147).
+Only whole 2 MiB pages are advised, so the resident memory stays that of `torch.zeros`
+(docs/performance.md has the measurements).
 """
 
 from __future__ import annotations

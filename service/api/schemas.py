@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.requests import MAX_STOP_STRINGS
-from service.sampling import MAX_LOGPROBS
+from service.engine.request import MAX_STOP_STRINGS
+from service.engine.sampling import MAX_LOGPROBS
 
 Stop = str | list[str] | None
 

@@ -1,141 +1,30 @@
-"""Our float32 CPU kernels (service/kernels/*.c), built with the system C compiler on first use: linear
-layers, norms, the feed-forward activation, rotary embeddings, one-query attention, KV-cache writes, argmax and a
-whole decode step in one call (kernels/decode_step.c, driven by service/cpu_decode.py).
+"""PyTorch modules over our float32 CPU kernels: packed linear layers, norms, the feed-forward activation,
+one-query attention, KV-cache writes and argmax.
 
-Decoding multiplies a few rows of activations (one per sequence) by every weight matrix, once per token, so
-its speed is how fast the weights stream from memory; prompts multiply hundreds of rows, and their speed is
-arithmetic. `KernelLinear` repacks each weight matrix once, when the model is swapped onto the kernels, into
-k-major panels of 16 outputs (the layout a register-tiled kernel reads in order), and releases the row-major
-original, so the weights take no more memory than before (a tied output layer adds its packed copy of the
-embedding table, which the embedding keeps). One kernel then serves every pass: a single row
-streams 4 panels at a time, several rows run 6x16 register tiles. Every output is summed in one fixed order
-whatever the number of rows, so a sequence's numbers are bit-identical alone or in a batch, in a prompt
-pass or a decode step. `python bench/cpu_kernels.py` measures it against oneDNN and PyTorch's `F.linear`.
+Decoding multiplies a few rows of activations (one per sequence) by every weight matrix, once per token, so its
+speed is how fast the weights stream from memory; prompts multiply hundreds of rows, and their speed is
+arithmetic. `KernelLinear` holds each weight matrix packed into k-major panels of 16 outputs (the layout a
+register-tiled kernel reads in order). One kernel serves every pass: a single row streams 4 panels at a time,
+several rows run 6x16 register tiles. Every output is summed in one fixed order whatever the number of rows, so a
+sequence's numbers are bit-identical alone or in a batch, in a prompt pass or a decode step.
 
-The activation kernel computes tanh-GELU, SiLU or ReLU in one vectorized pass. Decode attention (one query per
-sequence) reads each sequence's keys and values once, in place in the KV cache, 4 heads side by side: 0.65 ms
-per layer for 32 sequences of 65 tokens (GPT-2 small shape, 12 layers' caches read from memory in turn) against
-1.3 ms for PyTorch's CPU SDPA, which is made for long queries (prompt passes use SDPA: at 32 queries and up it is
-3-7x faster than one query at a time).
-
-The compiled library is cached under `$LMSERVE_KERNEL_DIR` (default `~/.cache/lmserve/kernels`), named by a
-hash of the source and flags. Where it cannot be built or run (no compiler, no AVX2, not x86-64), the model
-keeps PyTorch's layers and a log line says so.
+Decode attention (one query per sequence) reads each sequence's keys and values once, in place in the KV cache,
+4 heads side by side; PyTorch's SDPA is made for long queries, and prompt passes use it. docs/performance.md has
+the measurements behind these choices.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import memory
 from model.model import Attention, FeedForward, RMSNorm
-
-log = logging.getLogger(__name__)
-
-SOURCES = [Path(__file__).with_name("kernels") / name
-           for name in ("cpu.h", "cpu.c", "attention.c", "decode_step.c")]
-CFLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
-_pointer, _int64 = ctypes.c_void_p, ctypes.c_int64
-_SIGNATURES = {
-    "lmserve_linear_f32": [_pointer] * 4 + [_int64] * 3 + [ctypes.c_int] + [_pointer] * 2 + [ctypes.c_int, _pointer],
-    "lmserve_activation_f32": [_pointer] * 2 + [_int64, ctypes.c_int, ctypes.c_int],
-    "lmserve_decode_attention_f32": [_pointer] * 5 + [_int64] * 9 + [ctypes.c_float, _pointer, ctypes.c_int],
-    "lmserve_write_kv_f32": [_pointer] * 5 + [_int64] * 10,
-    "lmserve_norm_f32": [_pointer] * 4 + [_int64] * 2 + [ctypes.c_float, ctypes.c_int, ctypes.c_int],
-    "lmserve_decode_step_f32": [_pointer] * 3 + [_int64] * 2 + [_pointer] * 2 + [ctypes.c_int],
-    "lmserve_argmax_f32": [_pointer] + [_int64] * 2 + [_pointer, ctypes.c_int],
-}
-ACTIVATIONS = {"gelu_tanh": 1, "swiglu": 2, "relu": 3}  # ModelConfig.activation -> the kernels' ACT_ kind
-
-
-def kernel_dir() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmserve" / "kernels"
-    return Path(os.environ.get("LMSERVE_KERNEL_DIR", default))
-
-
-def library_name() -> str:
-    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    return f"cpu-{digest}.so"
-
-
-def cpu_supported() -> bool:
-    """The kernel is AVX2 + FMA code for x86-64."""
-    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in (
-        "AVX2", "AVX512")
-
-
-def build(directory: Path, compiler: str | None = None) -> Path:
-    """Compiles the kernel into `directory` (atomically: concurrent builds don't see half a file)."""
-    compiler = compiler or os.environ.get("CC", "cc")
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C compiler ({compiler!r} not found)")
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / library_name()
-    with tempfile.TemporaryDirectory(dir=directory) as scratch:
-        partial = Path(scratch) / target.name
-        sources = [str(s) for s in SOURCES if s.suffix == ".c"]
-        done = subprocess.run([compiler, *CFLAGS, *sources, "-o", str(partial)], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
-        os.replace(partial, target)
-    return target
-
-
-@dataclass(frozen=True)
-class CpuKernels:
-    """The loaded library's functions: process-wide, so copies of a model share them."""
-
-    linear: ctypes._CFuncPtr
-    activation: ctypes._CFuncPtr
-    decode_attention: ctypes._CFuncPtr
-    write_kv: ctypes._CFuncPtr
-    norm: ctypes._CFuncPtr
-    decode_step: ctypes._CFuncPtr
-    argmax: ctypes._CFuncPtr
-
-    def __deepcopy__(self, memo: dict) -> CpuKernels:
-        return self
-
-
-def load(directory: Path, compiler: str | None = None) -> CpuKernels | None:
-    """The kernels from `directory`, built there if missing; None (with a log line) where they can't be."""
-    if not cpu_supported():
-        log.info("CPU kernels: need an x86-64 CPU with AVX2; using PyTorch's")
-        return None
-    try:
-        path = directory / library_name()
-        if not path.exists():
-            path = build(directory, compiler)
-            log.info("CPU kernels: built %s", path)
-        library = ctypes.CDLL(str(path))  # torch has loaded libgomp already: the kernels share its threads
-    except (OSError, RuntimeError) as e:
-        log.warning("CPU kernels unavailable (%s); using PyTorch's", e)
-        return None
-    for name, argtypes in _SIGNATURES.items():
-        function = getattr(library, name)
-        function.argtypes, function.restype = argtypes, None
-    return CpuKernels(*(getattr(library, name) for name in _SIGNATURES))
-
-
-@functools.cache
-def kernels() -> CpuKernels | None:
-    return load(kernel_dir())
-
+from service.backends.cpu import pages
+from service.backends.cpu.library import ACTIVATIONS, CpuKernels, kernels
 
 PANEL = 16  # outputs per packed panel (the kernel's PANEL)
 HEADS_AT_ONCE = 4  # heads attended side by side (cpu.h's HEADS_AT_ONCE): 4 rows of scores per thread
@@ -147,7 +36,7 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     out, features = weight.shape
     panels = -(-out // PANEL)
     padded = F.pad(weight.detach(), (0, 0, 0, panels * PANEL - out))  # (panels * 16, in)
-    packed = memory.zeros((panels, features, PANEL), weight.dtype)  # on 2 MiB pages: decoding streams it
+    packed = pages.zeros((panels, features, PANEL), weight.dtype)  # on 2 MiB pages: decoding streams it
     return packed.copy_(padded.view(panels, PANEL, features).transpose(1, 2))
 
 
@@ -355,10 +244,3 @@ def use_cpu_kernels(model: nn.Module, library: CpuKernels | None = None) -> int:
     model.decode_attention = DecodeAttention(library)
     release_free_memory()
     return count
-
-
-if __name__ == "__main__":  # `python -m service.cpu_kernels`: build the kernels now (the Docker image does)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if kernels() is None:
-        raise SystemExit(1)
-    print(kernel_dir() / library_name())

@@ -1,7 +1,7 @@
 """Held-out evaluation: loss, perplexity, bits per byte, exact match, beside gzip and xz.
 
-    python -m model.evaluate --checkpoint checkpoints/default --data python-stdlib [--limit-bytes 200000]
-    python -m model.evaluate --checkpoint checkpoints/seq2seq-numbers --data numbers-to-words
+    python -m model.training.evaluate --checkpoint checkpoints/default --data python-stdlib [--limit-bytes 200000]
+    python -m model.training.evaluate --checkpoint checkpoints/seq2seq-numbers --data numbers-to-words
 
 The last line printed is machine-readable, e.g. `RESULT bits_per_byte=1.13 xz_bits_per_byte=1.66 ...`.
 The trainer calls the same functions, so the model card's figures and the training log agree.
@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from model.checkpoint import load_checkpoint
-from model.data import NUMBERS_PRESET, Document, load_text_corpus, number_pairs, numbers_heldout
 from model.kv_cache import KVCache
 from model.model import Transformer
 from model.tokenizer import Tokenizer
+from model.training.data import NUMBERS_PRESET, Document, load_text_corpus, number_pairs, numbers_heldout
 
 LN2 = math.log(2)
 MAX_WORDS_TOKENS = 48  # longest number in words is 15 words; a fixed cap, never the reference length

@@ -1,5 +1,5 @@
 """The API's routers: lmserve's own endpoints, the OpenAI-compatible ones, and operations."""
 
-from service.routes import native, openai, system
+from service.api import native, openai, system
 
 ROUTERS = (native.router, openai.router, system.router)

@@ -21,10 +21,10 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from service.engine import Engine, EngineError, QueueFull
-from service.errors import APIError, ClientDisconnected, from_value_error, unavailable
-from service.metrics import Metrics, RequestTimer
-from service.requests import FinishReason, GenerationParams, GenerationRequest, RequestOutput, TokenLogprob
+from service.api.errors import APIError, ClientDisconnected, from_value_error, unavailable
+from service.api.metrics import Metrics, RequestTimer
+from service.engine.engine import Engine, EngineError, QueueFull
+from service.engine.request import FinishReason, GenerationParams, GenerationRequest, RequestOutput, TokenLogprob
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -12,10 +12,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response
 
-from service.errors import APIError, error_body
-from service.requests import FinishReason, GenerationParams, TokenLogprob
-from service.routes.common import DONE, EventStream, ServingDep, check_count, request_id, sse
-from service.schemas import (
+from service.api.deps import DONE, EventStream, ServingDep, check_count, request_id, sse
+from service.api.errors import APIError, error_body
+from service.api.generation import Generation, Prompt, Serving, collect, log_fields, unless_disconnected, usage
+from service.api.schemas import (
     COMPLETION_EXAMPLES,
     ERROR_RESPONSES,
     CompletionRequest,
@@ -24,7 +24,7 @@ from service.schemas import (
     ModelCard,
     ModelList,
 )
-from service.serving import Generation, Prompt, Serving, collect, log_fields, unless_disconnected, usage
+from service.engine.request import FinishReason, GenerationParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])

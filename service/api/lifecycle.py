@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from service.engine import Engine, EngineConfig
-from service.metrics import Metrics
-from service.requests import GenerationParams, GenerationRequest
-from service.serving import Serving
+from service.api.generation import Serving
+from service.api.metrics import Metrics
+from service.engine.engine import Engine, EngineConfig
+from service.engine.request import GenerationParams, GenerationRequest
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -26,16 +26,18 @@ import torch
 
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.tokenizer import IncrementalDetokenizer
-from service.requests import (
+from service.backends.cpu.threads import release_cpu_threads
+from service.engine.device import default_dtype, resolve_device
+from service.engine.request import (
     FinishReason,
     GenerationRequest,
     RequestOutput,
-    StopStringMatcher,
     TokenLogprob,
 )
-from service.runner import DecodeInput, ModelRunner, default_dtype, release_cpu_threads, resolve_device
-from service.sampling import RowState, make_generator, sample, top_k_distribution
-from service.scheduler import Scheduler, Sequence
+from service.engine.runner import DecodeInput, ModelRunner
+from service.engine.sampling import RowState, make_generator, sample, top_k_distribution
+from service.engine.scheduler import Scheduler, Sequence
+from service.engine.stop import StopStringMatcher
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response
 
-from service.engine import EngineError
-from service.errors import APIError, error_body, from_value_error, unavailable
-from service.requests import GenerationParams, RequestOutput, TokenLogprob
-from service.routes.common import DONE, EventStream, ServingDep, check_count, request_id, sse
-from service.schemas import (
+from service.api.deps import DONE, EventStream, ServingDep, check_count, request_id, sse
+from service.api.errors import APIError, error_body, from_value_error, unavailable
+from service.api.generation import Generation, Serving, collect, log_fields, unless_disconnected, usage
+from service.api.schemas import (
     ERROR_RESPONSES,
     GENERATE_EXAMPLES,
     NEXT_TOKEN_EXAMPLES,
@@ -26,7 +25,8 @@ from service.schemas import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from service.serving import Generation, Serving, collect, log_fields, unless_disconnected, usage
+from service.engine.engine import EngineError
+from service.engine.request import GenerationParams, RequestOutput, TokenLogprob
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["lmserve"])

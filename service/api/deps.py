@@ -11,8 +11,8 @@ from fastapi import Depends, Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from service.errors import APIError, unavailable
-from service.serving import Serving
+from service.api.errors import APIError, unavailable
+from service.api.generation import Serving
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"

@@ -1,4 +1,4 @@
-"""Corpora and the tokenised-data pipeline for ``python -m model.train``.
+"""Corpora and the tokenised-data pipeline for ``python -m model.training.train``.
 
 Three kinds of data feed the trainer:
 

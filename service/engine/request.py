@@ -1,4 +1,4 @@
-"""What goes into the engine and what comes out: generation parameters, requests, outputs, stop strings."""
+"""What goes into the engine and what comes out: generation parameters, requests, outputs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass, field, fields
 from enum import Enum
 
-from service.sampling import SamplingParams
+from service.engine.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
@@ -82,35 +82,3 @@ class RequestOutput:
     finished: bool = False
     finish_reason: FinishReason | None = None
     error: str | None = None
-
-
-class StopStringMatcher:
-    """Finds stop strings in streamed text, even across token boundaries, and holds back any tail that could
-    still become one, so the stop string itself is never emitted."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self.stops = stops
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to emit, whether a stop string was found)."""
-        if not self.stops:
-            return text, False
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            emit, self.pending = self.pending[:min(hits)], ""
-            return emit, True
-        hold = 0
-        for s in self.stops:  # longest suffix of pending that is a prefix of a stop string
-            for n in range(min(len(s) - 1, len(self.pending)), hold, -1):
-                if self.pending.endswith(s[:n]):
-                    hold = n
-                    break
-        emit = self.pending[:len(self.pending) - hold]
-        self.pending = self.pending[len(self.pending) - hold:]
-        return emit, False
-
-    def flush(self) -> str:
-        emit, self.pending = self.pending, ""
-        return emit

@@ -1,6 +1,6 @@
 """Writes a randomly initialised checkpoint directory: for trying the tools before any training.
 
-    python -m model.init --preset tiny-llama --out runs/random
+    python -m model.training.init --preset tiny-llama --out runs/random
 """
 
 from __future__ import annotations

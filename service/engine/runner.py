@@ -5,14 +5,12 @@ token attends over its own sequence's cache row), then one decode forward over c
 highest decoding row: rows in that block that are not decoding this step (still prefilling) ride along as
 padding (position -1), so decode never gathers cache rows. On CUDA the decode forward is captured as CUDA graphs
 for a few bucketed batch sizes and replayed; on CPU float32 models run on our own kernels
-(service/cpu_kernels.py), and decode steps of decoder-only pre-norm models run as one call into the kernels
-(service/cpu_decode.py).
+(service/backends/cpu/), and decode steps of decoder-only pre-norm models run as one call into the kernels
+(service/backends/cpu/decode_step.py).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 from dataclasses import dataclass
 
@@ -20,9 +18,12 @@ import torch
 
 from model.kv_cache import KVCache
 from model.model import Ragged, Transformer
-from service.cpu_decode import CpuDecodeStep
-from service.cpu_kernels import CacheWriter, kernels, use_cpu_kernels
-from service.scheduler import PrefillChunk
+from service.backends.cpu import pages
+from service.backends.cpu.decode_step import CpuDecodeStep
+from service.backends.cpu.layers import CacheWriter, use_cpu_kernels
+from service.backends.cpu.library import kernels
+from service.backends.cuda_graphs import CudaGraphDecoder
+from service.engine.scheduler import PrefillChunk
 
 log = logging.getLogger(__name__)
 
@@ -34,43 +35,6 @@ class DecodeInput:
     row: int
     token: int
     position: int
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when it is usable; asking for CUDA without it falls back to CPU with a log line."""
-    if name in ("auto", "cuda") or name.startswith("cuda:"):
-        if torch.cuda.is_available():
-            return torch.device("cuda" if name == "auto" else name)
-        if name != "auto":
-            log.warning("CUDA was asked for but is not usable here; running on CPU")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-@functools.cache
-def _openmp() -> ctypes.CDLL | None:
-    try:  # by soname: the libgomp torch loaded (its CPU builds use OpenMP threads)
-        library = ctypes.CDLL("libgomp.so.1")
-        library.omp_pause_resource_all.argtypes, library.omp_pause_resource_all.restype = [ctypes.c_int], ctypes.c_int
-    except (OSError, AttributeError):
-        return None
-    return library
-
-
-def release_cpu_threads() -> None:
-    """Frees the calling thread's OpenMP worker threads (`omp_pause_resource_all`); its next parallel region makes
-    new ones. libgomp keeps a pool per thread that ever ran a parallel region, and once the pools hold more
-    threads than there are cores, every worker sleeps between regions instead of spinning: each of the ~70
-    parallel regions of a decode step then pays a wake-up (GPT-2 small on 2 cores: 28 ms a step in the engine
-    thread instead of 19). So the thread that loaded the model lets go of its pool when the engine starts, and the
-    engine thread of its own whenever it runs out of work."""
-    library = _openmp()
-    if library is not None:
-        library.omp_pause_resource_all(2)  # omp_pause_hard
 
 
 class ModelRunner:
@@ -87,14 +51,14 @@ class ModelRunner:
                      "on lmserve's CPU kernels")
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.cache = KVCache(self.config, max_batch_size, max_seq_len, device=self.device, dtype=self.dtype,
-                             max_source_len=max_source_len)
+                             max_source_len=max_source_len, zeros=pages.zeros if self.device.type == "cpu" else None)
         self.cpu_decode: CpuDecodeStep | None = None
         if self.cpu_kernels:
             self.cache.write_rows = CacheWriter(kernels())
             self.cpu_decode = CpuDecodeStep.build(model, self.cache, kernels())
         self.graphs: CudaGraphDecoder | None = None
         if cuda_graphs and self.device.type == "cuda":
-            self.graphs = CudaGraphDecoder(self, [b for b in GRAPH_BATCH_SIZES if b <= max_batch_size])
+            self.graphs = CudaGraphDecoder(model, self.cache, [b for b in GRAPH_BATCH_SIZES if b <= max_batch_size])
 
     def tensor(self, data: list) -> torch.Tensor:
         return torch.tensor(data, dtype=torch.long, device=self.device)
@@ -180,53 +144,3 @@ class ModelRunner:
             kwargs = dict(source_ids=src.to(self.device), source_lengths=self.tensor([len(s) for s in sources]))
         return self.model(ids.to(self.device), positions.to(self.device),
                           logits_at=self.tensor([len(p) - 1 for p in prompts]), **kwargs)
-
-
-class CudaGraphDecoder:
-    """Decode steps captured as CUDA graphs, one per bucketed batch size (as gpt-fast does with
-    torch.compile's reduce-overhead mode): static input buffers, attention over every cache slot with the
-    position mask, replayed with one launch instead of hundreds of kernel launches per token."""
-
-    def __init__(self, runner: ModelRunner, batch_sizes: list[int]) -> None:
-        self.runner = runner
-        device = runner.device
-        self.max_batch = max(batch_sizes)
-        self.tokens = torch.zeros(self.max_batch, 1, dtype=torch.long, device=device)
-        self.positions = torch.full((self.max_batch, 1), -1, dtype=torch.long, device=device)
-        self.zeros = torch.zeros(self.max_batch, dtype=torch.long, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        pool = None
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.inference_mode(), torch.cuda.stream(stream):
-            for b in sorted(batch_sizes, reverse=True):  # largest first so smaller graphs reuse its memory pool
-                for _ in range(2):  # warm up kernels (cuBLAS handles, autotuning) outside capture
-                    self._forward(b)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self.outputs[b] = self._forward(b)
-                pool = graph.pool()
-                self.graphs[b] = graph
-        torch.cuda.current_stream().wait_stream(stream)
-        runner.cache.k.zero_()
-        runner.cache.v.zero_()
-        log.info("captured CUDA graphs for decode batch sizes %s", sorted(batch_sizes))
-
-    def _forward(self, b: int) -> torch.Tensor:
-        r = self.runner
-        return r.model(self.tokens[:b], self.positions[:b], cache=r.cache, logits_at=self.zeros[:b],
-                       kv_len=r.max_seq_len)
-
-    def run(self, inputs: list[DecodeInput]) -> torch.Tensor:
-        block = max(i.row for i in inputs) + 1
-        b = next(size for size in sorted(self.graphs) if size >= block)
-        tokens = torch.zeros(b, 1, dtype=torch.long)
-        positions = torch.full((b, 1), -1, dtype=torch.long)
-        for i in inputs:
-            tokens[i.row, 0], positions[i.row, 0] = i.token, i.position
-        self.tokens[:b].copy_(tokens, non_blocking=True)
-        self.positions[:b].copy_(positions, non_blocking=True)
-        self.graphs[b].replay()
-        return self.outputs[b]
-
