@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from model.config import ConfigError, ModelConfig
+from model.config import DTYPES, ConfigError, ModelConfig
 from model.model import Transformer
 from model.tokenizer import Tokenizer
 
@@ -28,7 +28,6 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 GENERATION_FILE = "generation_config.json"
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 # our module names -> Hugging Face's (the reverse map is built from the model's real keys)

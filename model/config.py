@@ -11,13 +11,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
+
 Positions = Literal["rope", "learned", "sinusoidal"]
 NormType = Literal["rmsnorm", "layernorm"]
 NormPosition = Literal["pre", "post"]
 Activation = Literal["relu", "gelu", "gelu_tanh", "swiglu"]
 
 SUPPORTED_MODEL_TYPES = ("lmserve", "llama")
-DTYPES = ("float32", "bfloat16", "float16")
+# the weight dtypes lmserve reads, stores and serves, by their config.json / --dtype names
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ConfigError(ValueError):
@@ -80,7 +83,7 @@ class ModelConfig:
             "norm_type": NormType.__args__,
             "norm_position": NormPosition.__args__,
             "activation": Activation.__args__,
-            "torch_dtype": DTYPES,
+            "torch_dtype": tuple(DTYPES),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

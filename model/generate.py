@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from model.checkpoint import load_checkpoint
+from model.config import DTYPES
 from model.kv_cache import KVCache
 from model.model import Transformer
 from model.tokenizer import IncrementalDetokenizer
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", required=True, help="text to continue (the source text for encoder-decoder models)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new tokens (default 64)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
                         help="convert the weights at load (default: as stored)")
     args = parser.parse_args(argv)
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model
 from safetensors.torch import load_file, save_file
 
 from model.checkpoint import CheckpointError, GenerationConfig, load_checkpoint, save_checkpoint
 from model.tokenizer import Tokenizer
+from tests.support.models import make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,12 +7,12 @@ import copy
 
 import pytest
 import torch
-from conftest import DECODER_ONLY, ENCODER_DECODER, make_model
-from test_cpu_kernels import needs_kernels
 
 from service.backends.cpu.decode_step import CpuDecodeStep
 from service.engine.runner import DecodeInput, ModelRunner
-from service.engine.scheduler import PrefillChunk, Sequence
+from service.engine.scheduler import PrefillChunk, ScheduledSequence
+from tests.support.kernels import needs_kernels
+from tests.support.models import DECODER_ONLY, ENCODER_DECODER, make_model
 
 COVERED = ["llama-gqa", "gpt2"]
 
@@ -33,7 +33,7 @@ def test_decode_steps_match_the_models_forward_bit_for_bit(variant):
     g = torch.Generator().manual_seed(1)
     vocab = fast.config.vocab_size
     prompts = {f"s{row}": torch.randint(0, vocab, (n,), generator=g).tolist() for row, n in enumerate([7, 1, 12, 3])}
-    chunks = [PrefillChunk(Sequence(name, len(p), 8, row=row), 0, len(p))
+    chunks = [PrefillChunk(ScheduledSequence(name, len(p), 8, row=row), 0, len(p))
               for row, (name, p) in enumerate(prompts.items())]
     for runner in (fast, plain):
         runner.prefill(chunks, prompts)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model
-from test_model import check_ragged_pass
 from torch import nn
 
 from model.kv_cache import KVCache
@@ -34,11 +31,9 @@ from service.backends.cpu.layers import (
 )
 from service.backends.cpu.library import ACTIVATIONS, CpuKernels
 from service.engine.runner import DecodeInput, ModelRunner
-from service.engine.scheduler import PrefillChunk, Sequence
-
-CAN_BUILD = cpu_library.cpu_supported() and shutil.which("cc") is not None
-# like the CUDA tests: where the hardware (or the compiler) is missing there is nothing to run them on
-needs_kernels = pytest.mark.skipif(not CAN_BUILD, reason="needs an x86-64 CPU with AVX2 and a C compiler")
+from service.engine.scheduler import PrefillChunk, ScheduledSequence
+from tests.support.kernels import needs_kernels
+from tests.support.models import check_ragged_pass, make_model
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +112,7 @@ def test_prompt_passes_and_decode_steps_run_every_linear_layer_on_the_kernel(ker
     use_cpu_kernels(model, library)
     runner = ModelRunner(model, max_batch_size=2, max_seq_len=32, cpu_kernels=False)  # swapped already
     vocab, layers = model.config.vocab_size, model.config.num_hidden_layers
-    seq = Sequence("a", prompt_len=5, max_new_tokens=4, row=0)
+    seq = ScheduledSequence("a", prompt_len=5, max_new_tokens=4, row=0)
     runner.prefill([PrefillChunk(seq, 0, 5)], {"a": [1, 2, 3, 4, 5]})
     # per layer: q, k and v fused, the attention output, the two FFN matrices; past the last layer's keys and
     # values only the last position goes on
@@ -131,7 +126,7 @@ def test_prompt_passes_and_decode_steps_run_every_linear_layer_on_the_kernel(ker
     assert [rows for rows, out in calls if out != vocab] == [6] * (4 * layers - 3) + [2] * 3
     assert calls[-1] == (2, vocab)
     calls.clear()  # prompts of different lengths: one pass over exactly their tokens, no padding
-    long, short = Sequence("b", prompt_len=20, max_new_tokens=4, row=1), Sequence("c", 2, 4, row=0)
+    long, short = ScheduledSequence("b", prompt_len=20, max_new_tokens=4, row=1), ScheduledSequence("c", 2, 4, row=0)
     runner.prefill([PrefillChunk(long, 0, 20), PrefillChunk(short, 0, 2)], {"b": list(range(20)), "c": [7, 8]})
     assert [rows for rows, out in calls if out != vocab] == [22] * (4 * layers - 3) + [2] * 3
     assert calls[-1] == (2, vocab)
@@ -146,7 +141,8 @@ def test_a_prompt_fills_the_cache_identically_alone_or_with_others(kernel):
     def prefill(names: list[str]) -> tuple[ModelRunner, dict[str, torch.Tensor], dict[str, int]]:
         runner = ModelRunner(model, max_batch_size=4, max_seq_len=64)
         rows = {name: row for row, name in enumerate(names)}
-        chunks = [PrefillChunk(Sequence(n, len(prompts[n]), 1, row=rows[n]), 0, len(prompts[n])) for n in names]
+        chunks = [PrefillChunk(ScheduledSequence(n, len(prompts[n]), 1, row=rows[n]), 0, len(prompts[n]))
+                  for n in names]
         return runner, runner.prefill(chunks, prompts), rows
 
     together, logits, rows = prefill(list(prompts))

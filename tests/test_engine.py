@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model
 
 from model.checkpoint import Checkpoint, GenerationConfig
 from model.generate import greedy_generate
 from model.tokenizer import Tokenizer
 from service.engine.engine import Engine, EngineConfig, QueueFull
 from service.engine.request import FinishReason, GenerationParams, GenerationRequest
+from tests.support.models import make_model
 
 CORPUS = ["def add(a, b):\n    return a + b\n", "print('hello, world')", "你好，世界！数字和文字。", "🚀🌍 emoji 😀",
           "class Point:\n    x: int\n    y: int\n"] * 20

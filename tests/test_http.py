@@ -11,9 +11,17 @@ import math
 import httpx
 import openai
 import pytest
-from http_server import LiveServer, assert_error, make_checkpoint, sse_events, tokenizer, wait_idle, wait_until
 
 from service.settings import Settings
+from tests.support.live_server import (
+    LiveServer,
+    assert_error,
+    make_checkpoint,
+    sse_events,
+    tokenizer,
+    wait_idle,
+    wait_until,
+)
 
 PROMPTS = ["def add(a, b):", "print('hello", "class Point:\n", "你好", "🚀 emoji", "x"]
 

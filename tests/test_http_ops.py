@@ -15,11 +15,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from http_server import LiveServer, assert_error, make_checkpoint, sse_events, wait_idle, wait_until
 
 from service import cli
 from service.api.lifecycle import load_engine
 from service.settings import Settings
+from tests.support.live_server import LiveServer, assert_error, make_checkpoint, sse_events, wait_idle, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG = {"prompt": "x", "max_new_tokens": 1000, "temperature": 0, "ignore_eos": True}

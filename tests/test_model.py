@@ -7,24 +7,22 @@ import gc
 
 import pytest
 import torch
-from conftest import DECODER_ONLY, ENCODER_DECODER, VOCAB, make_config, make_model
 
 from model.config import ConfigError, ModelConfig
 from model.kv_cache import KVCache, bytes_per_token
-from model.model import Ragged, entropy, log_probs, probs
+from model.model import entropy, log_probs, probs
 from service.backends.cpu import pages
+from tests.support.models import (
+    DECODER_ONLY,
+    ENCODER_DECODER,
+    VOCAB,
+    check_ragged_pass,
+    make_config,
+    make_model,
+    source_for,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def source_for(model, batch: int, length: int = 9, seed: int = 1):
-    """(memory, lengths) for encoder-decoder models, (None, None) otherwise."""
-    if not model.config.is_encoder_decoder:
-        return None, None
-    g = torch.Generator().manual_seed(seed)
-    src = torch.randint(3, VOCAB, (batch, length), generator=g)
-    lengths = torch.full((batch,), length)
-    return model.encode(src, lengths), lengths
 
 
 @torch.no_grad()
@@ -121,41 +119,6 @@ def test_kv_cached_decoding_equals_full_recompute_for_64_steps_with_rows_of_diff
         for row, n in enumerate(prompt_lengths):
             worst = max(worst, float((logits[row] - full_logits(row, n + step + 1)).abs().max()))
     assert worst <= 1e-5, worst
-
-
-def check_ragged_pass(model) -> None:
-    """Sequences back to back without padding (an engine's prompt pass: fresh prompts, a one-token one, and
-    some continuing a prefix already cached) fill their cache rows and give their last tokens' logits as each
-    sequence's own padded pass does."""
-    g = torch.Generator().manual_seed(5)
-    seqs = [torch.randint(0, VOCAB, (n,), generator=g) for n in (7, 1, 12, 9)]
-    rows, cached = [3, 0, 2, 1], [0, 0, 5, 8]  # cache row of each; tokens of it cached by an earlier pass
-    memory, lengths = source_for(model, len(seqs))
-
-    def cache_with_prefixes() -> KVCache:
-        cache = KVCache(model.config, batch_size=4, max_seq_len=16, max_source_len=9)
-        if memory is not None:
-            model.write_cross_cache(cache, torch.tensor(rows), memory, lengths)
-        for seq, row, c in zip(seqs, rows, cached):
-            if c:
-                model(seq[:c][None], torch.arange(c)[None], cache=cache, cache_rows=torch.tensor([row]),
-                      logits_at=torch.tensor([c - 1]))
-        return cache
-
-    together = cache_with_prefixes()
-    ragged = Ragged(lengths=[len(s) - c for s, c in zip(seqs, cached)], rows=rows, ends=[len(s) for s in seqs])
-    ids = torch.cat([s[c:] for s, c in zip(seqs, cached)])[None]  # (1, 7 + 1 + 7 + 1)
-    positions = torch.cat([torch.arange(c, len(s)) for s, c in zip(seqs, cached)])[None]
-    logits = model(ids, positions, cache=together, ragged=ragged)
-    assert logits.shape == (len(seqs), VOCAB)
-    alone = cache_with_prefixes()
-    for i, (seq, row, c) in enumerate(zip(seqs, rows, cached)):
-        expected = model(seq[c:][None], torch.arange(c, len(seq))[None], cache=alone, cache_rows=torch.tensor([row]),
-                         logits_at=torch.tensor([len(seq) - c - 1]))[0]
-        assert (logits[i] - expected).abs().max() <= 1e-5
-        n = len(seq)
-        assert (together.k[:, row, :, :n] - alone.k[:, row, :, :n]).abs().max() <= 1e-5
-        assert (together.v[:, row, :, :n] - alone.v[:, row, :, :n]).abs().max() <= 1e-5
 
 
 @torch.no_grad()

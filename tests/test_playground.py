@@ -10,9 +10,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from http_server import LiveServer, make_checkpoint
 
 from service.settings import Settings
+from tests.support.live_server import LiveServer, make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from service.engine.scheduler import Scheduler, Sequence, Status
+from service.engine.scheduler import ScheduledSequence, Scheduler, Status
 
 
 def run_step(s: Scheduler, plan) -> None:
@@ -21,7 +21,7 @@ def run_step(s: Scheduler, plan) -> None:
 
 def test_admission_is_first_come_first_served_and_bounded_by_rows():
     s = Scheduler(max_batch_size=2, max_seq_len=64, max_prefill_tokens=100)
-    seqs = [Sequence(f"r{i}", prompt_len=5, max_new_tokens=4) for i in range(3)]
+    seqs = [ScheduledSequence(f"r{i}", prompt_len=5, max_new_tokens=4) for i in range(3)]
     for seq in seqs:
         s.add(seq)
     plan = s.schedule()
@@ -40,8 +40,8 @@ def test_admission_is_first_come_first_served_and_bounded_by_rows():
 
 def test_long_prompts_are_chunked_within_the_token_budget():
     s = Scheduler(max_batch_size=4, max_seq_len=256, max_prefill_tokens=16)
-    s.add(Sequence("long", prompt_len=40, max_new_tokens=8))
-    s.add(Sequence("short", prompt_len=5, max_new_tokens=8))
+    s.add(ScheduledSequence("long", prompt_len=40, max_new_tokens=8))
+    s.add(ScheduledSequence("short", prompt_len=5, max_new_tokens=8))
     spans = []
     for _ in range(4):
         plan = s.schedule()
@@ -57,7 +57,7 @@ def test_long_prompts_are_chunked_within_the_token_budget():
 
 def test_decode_plans_only_sequences_with_a_new_token():
     s = Scheduler(max_batch_size=4, max_seq_len=64, max_prefill_tokens=64)
-    s.add(Sequence("a", prompt_len=3, max_new_tokens=8))
+    s.add(ScheduledSequence("a", prompt_len=3, max_new_tokens=8))
     plan = s.schedule()
     assert plan.decode == []  # its prompt is still going in
     run_step(s, plan)
@@ -70,18 +70,18 @@ def test_decode_plans_only_sequences_with_a_new_token():
 def test_context_length_and_duplicates_are_refused_up_front():
     s = Scheduler(max_batch_size=2, max_seq_len=32)
     with pytest.raises(ValueError, match="exceeds the context length 32"):
-        s.add(Sequence("x", prompt_len=30, max_new_tokens=3))
+        s.add(ScheduledSequence("x", prompt_len=30, max_new_tokens=3))
     with pytest.raises(ValueError, match="at least one prompt token"):
-        s.add(Sequence("y", prompt_len=0, max_new_tokens=3))
-    s.add(Sequence("z", prompt_len=3, max_new_tokens=3))
+        s.add(ScheduledSequence("y", prompt_len=0, max_new_tokens=3))
+    s.add(ScheduledSequence("z", prompt_len=3, max_new_tokens=3))
     with pytest.raises(ValueError, match="duplicate"):
-        s.add(Sequence("z", prompt_len=3, max_new_tokens=3))
+        s.add(ScheduledSequence("z", prompt_len=3, max_new_tokens=3))
 
 
 def test_aborting_waiting_and_running_sequences_frees_everything():
     s = Scheduler(max_batch_size=2, max_seq_len=64)
     for i in range(4):
-        s.add(Sequence(f"r{i}", prompt_len=4, max_new_tokens=4))
+        s.add(ScheduledSequence(f"r{i}", prompt_len=4, max_new_tokens=4))
     run_step(s, s.schedule())
     assert s.finish("r3").status is Status.FINISHED  # waiting
     assert s.finish("r0").status is Status.FINISHED  # running
@@ -98,7 +98,7 @@ def test_random_workload_keeps_rows_contiguous_and_returns_all_capacity():
     next_id = 0
     for _ in range(400):
         if rng.random() < 0.3:
-            s.add(Sequence(f"r{next_id}", prompt_len=rng.randint(1, 40), max_new_tokens=rng.randint(1, 30)))
+            s.add(ScheduledSequence(f"r{next_id}", prompt_len=rng.randint(1, 40), max_new_tokens=rng.randint(1, 30)))
             next_id += 1
         plan = s.schedule()
         rows = sorted(q.row for q in s.running)

@@ -36,7 +36,7 @@ from service.engine.request import (
 )
 from service.engine.runner import DecodeInput, ModelRunner
 from service.engine.sampling import RowState, make_generator, sample, top_k_distribution
-from service.engine.scheduler import Scheduler, Sequence
+from service.engine.scheduler import ScheduledSequence, Scheduler
 from service.engine.stop import StopStringMatcher
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class _Active:
     """Engine-thread state of one request."""
 
     request: GenerationRequest
-    seq: Sequence
+    seq: ScheduledSequence
     sink: _Sink
     tokens: list[int]  # decoder tokens: prompt + generated
     row_state: RowState
@@ -274,7 +274,7 @@ class Engine:
 
     def _add(self, request: GenerationRequest, sink: _Sink) -> None:
         params = request.params
-        seq = Sequence(request.request_id, len(request.prompt_ids), params.max_new_tokens)
+        seq = ScheduledSequence(request.request_id, len(request.prompt_ids), params.max_new_tokens)
         try:
             self.scheduler.add(seq)
         except ValueError as e:

@@ -27,7 +27,7 @@ class Status(Enum):
 
 
 @dataclass(eq=False)
-class Sequence:
+class ScheduledSequence:
     """The scheduler's view of one request: lengths and its cache row, nothing else."""
 
     request_id: str
@@ -53,7 +53,7 @@ class Sequence:
 
 @dataclass
 class PrefillChunk:
-    seq: Sequence
+    seq: ScheduledSequence
     start: int  # feed prompt tokens [start, end)
     end: int
 
@@ -67,7 +67,7 @@ class PrefillChunk:
 class StepPlan:
     moves: list[tuple[int, int]] = field(default_factory=list)  # (from_row, to_row), applied in order first
     prefill: list[PrefillChunk] = field(default_factory=list)
-    decode: list[Sequence] = field(default_factory=list)  # each feeds its newest token
+    decode: list[ScheduledSequence] = field(default_factory=list)  # each feeds its newest token
 
     @property
     def empty(self) -> bool:
@@ -79,14 +79,14 @@ class Scheduler:
         if max_batch_size < 1 or max_seq_len < 2 or max_prefill_tokens < 1:
             raise ValueError("max_batch_size, max_prefill_tokens must be >= 1 and max_seq_len >= 2")
         self.max_batch_size, self.max_seq_len, self.max_prefill_tokens = max_batch_size, max_seq_len, max_prefill_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.rows: list[Sequence | None] = [None] * max_batch_size  # row -> sequence holding it
-        self.by_id: dict[str, Sequence] = {}
+        self.waiting: deque[ScheduledSequence] = deque()
+        self.rows: list[ScheduledSequence | None] = [None] * max_batch_size  # row -> sequence holding it
+        self.by_id: dict[str, ScheduledSequence] = {}
 
     # ---- state ---------------------------------------------------------------------------------------
 
     @property
-    def running(self) -> list[Sequence]:
+    def running(self) -> list[ScheduledSequence]:
         return [s for s in self.rows if s is not None]
 
     @property
@@ -108,7 +108,7 @@ class Scheduler:
 
     # ---- requests come and go ------------------------------------------------------------------------
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: ScheduledSequence) -> None:
         if seq.prompt_len < 1:
             raise ValueError("a sequence needs at least one prompt token")
         if seq.max_len > self.max_seq_len:
@@ -119,7 +119,7 @@ class Scheduler:
         self.by_id[seq.request_id] = seq
         self.waiting.append(seq)
 
-    def finish(self, request_id: str) -> Sequence | None:
+    def finish(self, request_id: str) -> ScheduledSequence | None:
         """Releases a finished or aborted sequence (waiting or running); its row is reused next step."""
         seq = self.by_id.pop(request_id, None)
         if seq is None:
@@ -132,7 +132,7 @@ class Scheduler:
         seq.status = Status.FINISHED
         return seq
 
-    def append_token(self, seq: Sequence) -> None:
+    def append_token(self, seq: ScheduledSequence) -> None:
         """The engine sampled one more token for seq."""
         seq.num_tokens += 1
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import httpx
 import uvicorn
-from conftest import make_model
 
 from model.checkpoint import save_checkpoint
 from model.tokenizer import Tokenizer
 from service.app import create_app
 from service.settings import Settings
+from tests.support.models import make_model
 
 CORPUS = ["def add(a, b):\n    return a + b\n", "print('hello, world')", "你好，世界！数字和文字。", "🚀🌍 emoji 😀",
           "class Point:\n    x: int\n    y: int\n"] * 20

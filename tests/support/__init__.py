@@ -1,0 +1,1 @@
+"""What the tests share: tiny models, kernel availability, a live server."""
