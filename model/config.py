@@ -8,7 +8,7 @@ other variant is written as `model_type: "lmserve"` with the same field names pl
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -27,26 +27,38 @@ class ConfigError(ValueError):
     """A config.json field is missing, unknown or inconsistent; the message names the field."""
 
 
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with its `--flag` help text."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
-class ModelConfig:
+class Architecture:
+    """The choices that shape a Transformer: what a training run picks (each is a `--flag` of the trainer) and a
+    checkpoint's config.json records. `ModelConfig` adds what the data decides (vocabulary, context, token ids)."""
+
+    hidden_size: int = option(256, "model width")
+    num_hidden_layers: int = option(4, "decoder layers")
+    num_encoder_layers: int = option(0, "encoder layers (> 0: an encoder-decoder, the original Transformer)")
+    num_attention_heads: int = option(8, "attention heads")
+    num_key_value_heads: int | None = option(None, "key/value heads (fewer: grouped-query attention); default = heads")
+    intermediate_size: int = option(1024, "FFN hidden width")
+    position_embedding: Positions = option("rope", "rope | learned | sinusoidal")
+    rope_theta: float = option(10000.0, "RoPE base")
+    norm_type: NormType = option("rmsnorm", "rmsnorm | layernorm")
+    norm_position: NormPosition = option("pre", "pre (modern) | post (the original Add & Norm)")
+    norm_eps: float = option(1e-5, "epsilon of every norm")
+    activation: Activation = option("swiglu", "relu | gelu | gelu_tanh | swiglu")
+    tie_word_embeddings: bool = option(True, "share the token embedding with the output Linear")
+    bias: bool = option(False, "biases in linear layers and LayerNorm")
+    scale_embedding: bool = option(False, "multiply token embeddings by sqrt(hidden_size), as the original did")
+    dropout: float = option(0.0, "dropout on embeddings, attention and residual branches (training only)")
+
+
+@dataclass
+class ModelConfig(Architecture):
     vocab_size: int = 8192
-    hidden_size: int = 256
-    num_hidden_layers: int = 4  # decoder layers
-    num_encoder_layers: int = 0  # > 0 makes an encoder-decoder model (the original Transformer)
-    num_attention_heads: int = 8
-    num_key_value_heads: int | None = None  # < num_attention_heads: grouped-query attention
-    intermediate_size: int = 1024
     max_position_embeddings: int = 1024
-    position_embedding: Positions = "rope"
-    rope_theta: float = 10000.0
-    norm_type: NormType = "rmsnorm"
-    norm_position: NormPosition = "pre"
-    norm_eps: float = 1e-5
-    activation: Activation = "swiglu"
-    tie_word_embeddings: bool = True
-    bias: bool = False
-    scale_embedding: bool = False  # multiply token embeddings by sqrt(hidden_size), as the original did
-    dropout: float = 0.0
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     pad_token_id: int | None = 0

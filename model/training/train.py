@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+import typing
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -29,17 +30,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.config import ModelConfig
+from model.config import Architecture, ModelConfig
 from model.model import Transformer
 from model.training.config import PRESETS, TrainConfig
 from model.training.tasks import Task, make_task
 
+try:
+    from tqdm import tqdm
+except ImportError as e:  # the server's install leaves out what only training needs
+    raise ImportError("training needs the 'train' extra: pip install 'lmserve[train]'") from e
+
 
 def model_config(cfg: TrainConfig, task: Task) -> ModelConfig:
-    arch = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig) if hasattr(cfg, f.name)}
+    arch = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Architecture)}
     tok = task.tokenizer
     return ModelConfig(**arch | dict(vocab_size=tok.vocab_size, max_position_embeddings=task.max_positions,
                                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
@@ -272,15 +277,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
                         help="named configuration; the options below override it (default: default-code)")
     parser.add_argument("--out", required=True, help="run directory (checkpoints, metrics.csv, loss_curve.png)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    groups = {True: parser.add_argument_group("model architecture (model/config.py)"),
+              False: parser.add_argument_group("data and optimisation")}
+    architecture, hints = {f.name for f in dataclasses.fields(Architecture)}, typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = type(f.default) if f.default is not None else str
-        if f.name == "num_key_value_heads":
-            kind = int
+        group, flag, help_text = groups[f.name in architecture], "--" + f.name.replace("_", "-"), f.metadata["help"]
+        choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else None
+        kind = int if f.name == "num_key_value_heads" else type(f.default) if f.default is not None else str
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default {f.default})")
+            group.add_argument(flag, type=kind, choices=choices, default=None,
+                               help=f"{help_text} (default {f.default})")
     args = parser.parse_args(argv)
     values = PRESETS[args.preset] | {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                                      if getattr(args, f.name) is not None}
