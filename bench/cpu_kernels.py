@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from decode import read_bandwidth
 from torch import nn
 
-from service.backends.cpu.layers import KernelLinear, kernels
+from service.backends.cpu.layers import KernelLinear
+from service.backends.cpu.library import kernels
 
 SHAPES = [(768, 768)] * 4 + [(3072, 768), (768, 3072)]  # (out, in) per layer
 LAYERS, VOCAB = 12, 50257

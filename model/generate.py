@@ -17,7 +17,7 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.config import DTYPES
-from model.kv_cache import KVCache
+from model.kv_cache import CacheRows, KVCache
 from model.model import Transformer
 from model.tokenizer import IncrementalDetokenizer
 
@@ -58,7 +58,7 @@ def greedy_generate(
     out: list[int] = []
     for _ in range(max_new_tokens):
         last = torch.tensor([tokens.shape[1] - 1], device=device)
-        next_id = int(model(tokens, positions, cache=cache, logits_at=last).argmax(-1))
+        next_id = int(model(tokens, positions, CacheRows(cache), logits_at=last).argmax(-1))
         if next_id == eos_id:
             break
         out.append(next_id)

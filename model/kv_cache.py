@@ -6,13 +6,18 @@ per row (index `max_seq_len`) is a sink for padding tokens, which carry position
 anything. Encoder-decoder models also keep each row's cross-attention keys/values, computed once from the
 encoder output when the sequence is admitted.
 
+A forward pass says how it uses the cache with a `CacheRows` (each batch row continues one cache row) or a
+`Ragged` (several sequences back to back on one row, each continuing its own cache row).
+
 Memory per cached token = 2 (K and V) x num_hidden_layers x num_key_value_heads x head_dim x bytes per
 element, plus, for encoder-decoder models, the same again per *source* token for the cross-attention cache.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -58,9 +63,6 @@ class KVCache:
             self.cross_k = torch.zeros(cross_shape, device=device, dtype=dtype)
             self.cross_v = torch.zeros(cross_shape, device=device, dtype=dtype)
             self.source_lengths = torch.ones(batch_size, device=device, dtype=torch.long)
-        # write_rows(k_layer, v_layer, index, k, v) -> bool: a faster scatter an engine may give (the CPU kernels'
-        # CacheWriter); False, or None, means index_put_
-        self.write_rows: Callable[..., bool] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -83,10 +85,9 @@ class KVCache:
         """Writes k, v (B, Hkv, T, D) at `write_index` (from write_index())."""
         k_layer, v_layer = self.k[layer], self.v[layer]  # (rows, Hkv, S+1, D)
         head_dim = k.shape[-1]
-        if self.write_rows is None or not self.write_rows(k_layer, v_layer, write_index, k, v):
-            # index_put_, not index_copy_: the same scattered rows in a third of the time on CPU
-            k_layer.view(-1, head_dim).index_put_((write_index,), k.reshape(-1, head_dim))
-            v_layer.view(-1, head_dim).index_put_((write_index,), v.reshape(-1, head_dim))
+        # index_put_, not index_copy_: the same scattered rows for less indexing work on CPU
+        k_layer.view(-1, head_dim).index_put_((write_index,), k.reshape(-1, head_dim))
+        v_layer.view(-1, head_dim).index_put_((write_index,), v.reshape(-1, head_dim))
 
     def update(
         self,
@@ -118,3 +119,29 @@ class KVCache:
         if rows is None:
             return self.cross_k[layer, :batch, :, :src_len], self.cross_v[layer, :batch, :, :src_len]
         return self.cross_k[layer, rows, :, :src_len], self.cross_v[layer, rows, :, :src_len]
+
+
+@dataclass
+class CacheRows:
+    """A pass whose batch rows continue rows of `cache`: row b's keys and values are written at their positions in
+    cache row rows[b], and each token attends over that row's slots 0..position."""
+
+    cache: KVCache
+    rows: torch.Tensor | None = None  # (B,) each batch row's cache row; None: rows 0..B-1 (views, no gather)
+    kv_len: int | None = None  # slots attention reads (> every position); None: the largest position + 1 (a sync)
+
+
+@dataclass
+class Ragged:
+    """Several sequences' tokens back to back on one row (B = 1, no padding), each continuing its own row of
+    `cache` and attending over it alone: an engine's prompt pass. Its logits are each sequence's last token's."""
+
+    cache: KVCache
+    lengths: list[int]  # each sequence's tokens in this pass
+    rows: list[int]  # each sequence's cache row
+    ends: list[int]  # each sequence's length once this pass is done (its last position here + 1)
+
+    @property
+    def last_tokens(self) -> list[int]:
+        """Where each sequence's last token sits on the row."""
+        return [end - 1 for end in itertools.accumulate(self.lengths)]

@@ -4,30 +4,31 @@ One `Transformer` class covers the original encoder-decoder (post-norm "Add & No
 ReLU FFN) and modern decoder-only models (pre-norm RMSNorm, RoPE, SwiGLU, grouped-query attention); see
 `ModelConfig` for the switches.
 
-Conventions for `forward`:
+Conventions for `forward(ids, positions, cache, logits_at, source)`:
 - `positions` (B, T) holds each token's position in its sequence; -1 marks padding. Padding neither
   attends nor is attended to, and is never written into the KV cache.
-- With a `KVCache`, new keys/values are written at their positions in cache rows `cache_rows` (default
-  0..B-1), and each token attends to its row's slots 0..position: rows of different lengths share a batch.
+- `cache` says how the pass uses a `KVCache`: a `CacheRows` writes each row's new keys/values at their
+  positions in its cache row, and each token attends to its row's slots 0..position, so rows of different
+  lengths share a batch; a `Ragged` holds several sequences back to back on one row, no padding, each token
+  writing to and attending over its own sequence's cache row (an engine's prompt pass).
 - `logits_at` (B,) picks one position per row to project to the vocabulary, so decoding never builds a
   (B, T, vocab) tensor; None returns logits for every position (training).
-- `ragged` (an engine's prompt pass): several sequences back to back on one row, no padding, each token
-  writing to and attending over its own sequence's cache row; logits at each sequence's last token.
+- `source`: an encoder-decoder pass's source tokens or encoder output (`Source`).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.kv_cache import KVCache
+from model.kv_cache import CacheRows, KVCache, Ragged
 
 
 class RMSNorm(nn.Module):
@@ -80,39 +81,22 @@ def sinusoidal_table(max_positions: int, dim: int) -> torch.Tensor:
 
 
 @dataclass
-class Ragged:
-    """Several sequences' tokens back to back on one row (B = 1, no padding), each continuing its own cache row:
-    an engine's prompt pass. Each token attends over its own sequence's row of the cache."""
-
-    lengths: list[int]  # each sequence's tokens in this pass
-    rows: list[int]  # each sequence's cache row
-    ends: list[int]  # each sequence's length once this pass is done (its last position here + 1)
-    sources: list[int] | None = None  # encoder-decoder: each row's source tokens in the cross cache (forward's)
-
-    @property
-    def last_tokens(self) -> list[int]:
-        """Where each sequence's last token sits on the row."""
-        return [end - 1 for end in itertools.accumulate(self.lengths)]
-
-
-@dataclass
-class AttentionContext:
+class PassContext:
     """What every layer needs to know about this forward pass; built once per pass, not per layer."""
 
-    mask: torch.Tensor | None  # (B, 1, T, S) bool, True = may attend; None with is_causal
+    mask: torch.Tensor | None = None  # (B, 1, T, S) bool, True = may attend; None with is_causal (or ragged)
     is_causal: bool = False
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (B, T, D)
     cache: KVCache | None = None
-    cache_rows: torch.Tensor | None = None
-    cache_index: torch.Tensor | None = None  # (B*Hkv*T,) where this pass's keys/values go in the cache
+    rows: torch.Tensor | None = None  # (B,) the batch rows' cache rows; None: 0..B-1
+    write_index: torch.Tensor | None = None  # (B*Hkv*T,) where this pass's keys/values go in the cache
     kv_len: int = 0
+    ragged: Ragged | None = None
+    source_lengths: list[int] | None = None  # ragged encoder-decoder passes: each sequence's cached source tokens
     memory: torch.Tensor | None = None  # encoder output (B, S_src, C) when no cache holds its K/V
     cross_mask: torch.Tensor | None = None  # (B, 1, 1, S_src)
-    positions: torch.Tensor | None = None  # (B, T)
-    decode_attention: Callable | None = None  # optional SDPA replacement for one query per sequence
-    ragged: Ragged | None = None
 
-    def one_per_sequence(self) -> AttentionContext:
+    def one_per_sequence(self) -> PassContext:
         """A ragged pass's context for the rest of a layer whose self-attention kept one token per sequence."""
         return replace(self, ragged=replace(self.ragged, lengths=[1] * len(self.ragged.lengths)))
 
@@ -131,8 +115,6 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
-        # q, k and v as one matrix, (H + 2 Hkv) * D outputs: an inference engine may fuse them (one pass over x)
-        self.qkv_proj: nn.Module | None = None
 
     def heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
         B, T, _ = t.shape
@@ -142,19 +124,22 @@ class Attention(nn.Module):
         return self.heads(self.k_proj(x), self.n_kv_heads), self.heads(self.v_proj(x), self.n_kv_heads)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.qkv_proj is None:
-            return self.heads(self.q_proj(x), self.n_heads), *self.project_kv(x)
-        kv = self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
-        return self.heads(q, self.n_heads), self.heads(k, self.n_kv_heads), self.heads(v, self.n_kv_heads)
+        return self.heads(self.q_proj(x), self.n_heads), *self.project_kv(x)
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext, layer: int, keep: torch.Tensor | None = None
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               is_causal: bool) -> torch.Tensor:
+        """softmax(q k^T / sqrt(D)) v: q (B, H, T, D) over k, v (B, Hkv, S, D) -> (B, H, T, D)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              dropout_p=self.dropout if self.training else 0.0,
+                                              enable_gqa=self.n_kv_heads != self.n_heads)
+
+    def forward(self, x: torch.Tensor, ctx: PassContext, layer: int, logits_at: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C), or (B, 1, C) with `keep` (B,): only that position's query per row (every
+        """(B, T, C) -> (B, T, C), or (B, 1, C) with `logits_at` (B,): only that position's query per row (every
         position's keys and values still go into the cache)."""
         B, T, C = x.shape
         if ctx.ragged is not None:
-            y = self.ragged_attention(x, ctx, layer, keep)  # (1, H, T', D)
+            y = self.ragged_attention(x, ctx, layer, logits_at)  # (1, H, T', D)
             return self.o_proj(y.transpose(1, 2).reshape(1, y.shape[2], C))
         mask, is_causal = ctx.mask, ctx.is_causal
         if self.cross:
@@ -163,56 +148,49 @@ class Attention(nn.Module):
             if ctx.memory is not None:
                 k, v = self.project_kv(ctx.memory)
             else:
-                k, v = ctx.cache.cross(layer, ctx.cache_rows, B, ctx.cross_mask.shape[-1])
+                k, v = ctx.cache.cross(layer, ctx.rows, B, ctx.cross_mask.shape[-1])
         else:
             q, k, v = self.project_qkv(x)  # (B, H, T, D), (B, Hkv, T, D) x 2
             if ctx.rope is not None:
                 q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
             if ctx.cache is not None:
-                k, v = ctx.cache.update(layer, ctx.cache_rows, ctx.cache_index, k, v, ctx.kv_len)
-        if keep is not None:
+                k, v = ctx.cache.update(layer, ctx.rows, ctx.write_index, k, v, ctx.kv_len)
+        if logits_at is not None:
             rows = torch.arange(B, device=x.device)
-            q, T = q[rows, :, keep][:, :, None], 1  # (B, H, 1, D)
+            q, T = q[rows, :, logits_at][:, :, None], 1  # (B, H, 1, D)
             if mask is not None:
-                mask = mask[rows, :, keep][:, :, None]  # (B, 1, 1, S)
-            else:  # a plain causal pass: the kept query sees keys 0..keep
-                mask, is_causal = (torch.arange(k.shape[2], device=x.device) <= keep[:, None])[:, None, None], False
-        if T == 1 and mask is not None and ctx.decode_attention is not None:
-            y = ctx.decode_attention(q, k, v, mask)  # (B, H, 1, D)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal,
-                dropout_p=self.dropout if self.training else 0.0,
-                enable_gqa=self.n_kv_heads != self.n_heads,
-            )  # (B, H, T, D)
+                mask = mask[rows, :, logits_at][:, :, None]  # (B, 1, 1, S)
+            else:  # a plain causal pass: the kept query sees keys 0..logits_at
+                mask = (torch.arange(k.shape[2], device=x.device) <= logits_at[:, None])[:, None, None]
+                is_causal = False
+        y = self.attend(q, k, v, mask, is_causal)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
-    def ragged_attention(self, x: torch.Tensor, ctx: AttentionContext, layer: int, keep: torch.Tensor | None
+    def ragged_attention(self, x: torch.Tensor, ctx: PassContext, layer: int, logits_at: torch.Tensor | None
                          ) -> torch.Tensor:
         """Attention for sequences back to back on one row (`ctx.ragged`), one sequence at a time over its own row
-        of the cache, in place: (1, T, C) -> (1, H, T, D), or (1, H, S, D) with `keep` (each sequence's last
+        of the cache, in place: (1, T, C) -> (1, H, T, D), or (1, H, S, D) with `logits_at` (each sequence's last
         query only)."""
         r, cache = ctx.ragged, ctx.cache
         lengths, firsts = r.lengths, [end - n for end, n in zip(r.ends, r.lengths)]  # queries, first query's position
         if self.cross:
             q = self.heads(self.q_proj(x), self.n_heads)  # (1, H, T, D)
-            ends, k_cache, v_cache, firsts = r.sources, cache.cross_k[layer], cache.cross_v[layer], None  # sees all
+            ends, k_cache, v_cache, firsts = ctx.source_lengths, cache.cross_k[layer], cache.cross_v[layer], None
         else:
             q, k, v = self.project_qkv(x)  # (1, H, T, D), (1, Hkv, T, D) x 2
             if ctx.rope is not None:
                 q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
-            cache.write(layer, ctx.cache_index, k, v)
+            cache.write(layer, ctx.write_index, k, v)
             ends, k_cache, v_cache = r.ends, cache.k[layer], cache.v[layer]
-            if keep is not None:
-                q, lengths, firsts = q[:, :, keep], [1] * len(lengths), None  # each one's last query: sees all
+            if logits_at is not None:
+                q, lengths, firsts = q[:, :, logits_at], [1] * len(lengths), None  # each one's last query: sees all
         outputs, start = [], 0
         for s, (row, n, end) in enumerate(zip(r.rows, lengths, ends)):
             causal, mask = firsts is not None and firsts[s] == 0 and n > 1, None  # a whole prompt: the causal kernel
             if firsts is not None and firsts[s] > 0 and n > 1:  # a chunk continuing a cached prefix
                 mask = torch.arange(end, device=x.device) <= firsts[s] + torch.arange(n, device=x.device)[:, None]
-            outputs.append(F.scaled_dot_product_attention(
-                q[:, :, start:start + n], k_cache[row:row + 1, :, :end], v_cache[row:row + 1, :, :end],
-                attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads))  # (1, H, n, D)
+            outputs.append(self.attend(q[:, :, start:start + n], k_cache[row:row + 1, :, :end],
+                                       v_cache[row:row + 1, :, :end], mask, causal))  # (1, H, n, D)
             start += n
         return torch.cat(outputs, dim=2)
 
@@ -261,17 +239,17 @@ class Block(nn.Module):
             return kept + self.dropout(sublayer(norm(x)))  # x + f(Norm(x))
         return norm(kept + self.dropout(sublayer(x)))  # Norm(x + f(x)): the original "Add & Norm"
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext, layer: int, keep: torch.Tensor | None = None
+    def forward(self, x: torch.Tensor, ctx: PassContext, layer: int, logits_at: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C). With `keep` (B,) -> (B, 1, C): only that position per row goes on past
+        """(B, T, C) -> (B, T, C). With `logits_at` (B,) -> (B, 1, C): only that position per row goes on past
         self-attention (the last layer of a prompt pass: the rest only add their keys and values to the cache)."""
         kept = None
-        if keep is not None and ctx.ragged is not None:  # sequences back to back: (1, S, C)
-            kept = x[:, keep]
-        elif keep is not None:  # (B, 1, C)
-            kept = x[torch.arange(x.shape[0], device=x.device), keep][:, None]
-        x = self.residual(x, self.attn_norm, lambda h: self.self_attn(h, ctx, layer, keep), kept)
-        if keep is not None and ctx.ragged is not None:
+        if logits_at is not None and ctx.ragged is not None:  # sequences back to back: (1, S, C)
+            kept = x[:, logits_at]
+        elif logits_at is not None:  # (B, 1, C)
+            kept = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]
+        x = self.residual(x, self.attn_norm, lambda h: self.self_attn(h, ctx, layer, logits_at), kept)
+        if logits_at is not None and ctx.ragged is not None:
             ctx = ctx.one_per_sequence()  # for the rest of the layer
         if self.cross_attn is not None:
             x = self.residual(x, self.cross_attn_norm, lambda h: self.cross_attn(h, ctx, layer))
@@ -279,6 +257,15 @@ class Block(nn.Module):
 
 
 # ---- the model ------------------------------------------------------------------------------------------
+
+
+class Source(NamedTuple):
+    """An encoder-decoder pass's source side: the source tokens (encoded in the pass: training), or their encoder
+    output computed once (`Transformer.encode`) for several passes."""
+
+    ids: torch.Tensor | None = None  # (B, S) source token ids
+    lengths: torch.Tensor | None = None  # (B,) each row's real tokens (right padding past them); None: all S
+    memory: torch.Tensor | None = None  # (B, S, C) the encoder output, instead of ids
 
 
 def padding_aware_mask(positions: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -309,7 +296,6 @@ class Transformer(nn.Module):
         self.encoder_norm = make_norm(config) if pre and config.is_encoder_decoder else None
         self.norm = make_norm(config) if pre else None
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.decode_attention: Callable | None = None  # set by an inference engine with a faster kernel
         self.reset_buffers()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the projections into the residual
@@ -367,7 +353,7 @@ class Transformer(nn.Module):
         positions = torch.arange(S, device=source_ids.device).expand(B, S)
         if source_lengths is not None:
             positions = positions.masked_fill(positions >= source_lengths[:, None], -1)
-        ctx = AttentionContext(mask=padding_aware_mask(positions, causal=False), rope=self.rope_for(positions))
+        ctx = PassContext(mask=padding_aware_mask(positions, causal=False), rope=self.rope_for(positions))
         x = self.embed(source_ids, positions)
         for i, layer in enumerate(self.encoder_layers):
             x = layer(x, ctx, i)
@@ -380,86 +366,78 @@ class Transformer(nn.Module):
             cache.write_cross(i, rows, *layer.cross_attn.project_kv(memory))
         cache.source_lengths[rows] = source_lengths
 
-    def _self_attention_context(self, positions: torch.Tensor | None, T: int, B: int, device: torch.device,
-                                cache: KVCache | None, cache_rows: torch.Tensor | None,
-                                kv_len: int | None, ragged: Ragged | None = None) -> AttentionContext:
-        """Positions, rotary angles and the self-attention mask of this pass (with the cache: which slots)."""
+    def _self_attention_context(self, positions: torch.Tensor | None, B: int, T: int, device: torch.device,
+                                cache: CacheRows | Ragged | None) -> tuple[PassContext, torch.Tensor]:
+        """This pass's rotary angles and self-attention mask (with a cache: which slots), and its positions."""
         contiguous = positions is None
         if positions is None:
             positions = torch.arange(T, device=device).expand(B, T)
-        ctx = AttentionContext(mask=None, rope=self.rope_for(positions), positions=positions,
-                               decode_attention=None if self.training else self.decode_attention, ragged=ragged)
-        if ragged is not None:  # each token's own cache row
-            token_rows = torch.tensor(ragged.rows).repeat_interleave(torch.tensor(ragged.lengths)).to(device)  # (T,)
-            ctx.cache, ctx.cache_index = cache, cache.write_index(token_rows[None], positions)
+        ctx = PassContext(rope=self.rope_for(positions))
+        if isinstance(cache, Ragged):  # each token's own cache row
+            token_rows = torch.tensor(cache.rows).repeat_interleave(torch.tensor(cache.lengths)).to(device)  # (T,)
+            ctx.cache, ctx.ragged = cache.cache, cache
+            ctx.write_index = cache.cache.write_index(token_rows[None], positions)
         elif cache is not None:
-            ctx.cache, ctx.cache_rows, ctx.cache_index = cache, cache_rows, cache.write_index(cache_rows, positions)
-            ctx.kv_len = kv_len if kv_len is not None else int(positions.max()) + 1
+            ctx.cache, ctx.rows = cache.cache, cache.rows
+            ctx.write_index = cache.cache.write_index(cache.rows, positions)
+            ctx.kv_len = cache.kv_len if cache.kv_len is not None else int(positions.max()) + 1
             slots = torch.arange(ctx.kv_len, device=device)
             ctx.mask = (slots <= positions.clamp(min=0)[:, :, None])[:, None]  # (B, 1, T, S)
         elif contiguous or bool((positions == torch.arange(T, device=device)).all()):
             ctx.is_causal = True  # plain sequences from position 0: the fast causal kernel
         else:
             ctx.mask = padding_aware_mask(positions, causal=True)
-        return ctx
+        return ctx, positions
 
-    def _add_cross_attention(self, ctx: AttentionContext, B: int, memory: torch.Tensor | None,
-                             source_lengths: torch.Tensor | None, cache: KVCache | None,
-                             cache_rows: torch.Tensor | None) -> None:
-        """Cross-attention over the encoder output (`memory`), or over the K/V the cache holds for these rows
+    def _add_cross_attention(self, ctx: PassContext, B: int, source: Source | None) -> None:
+        """Cross-attention over the source's encoder output, or over the K/V the cache holds for these rows
         (then over all of the cache's source slots, masked by length: no device sync, CUDA-graph friendly)."""
-        ctx.memory = memory
-        if memory is not None:
-            src_len = memory.shape[1]
-            lengths = source_lengths if source_lengths is not None else torch.full((B,), src_len, device=memory.device)
-        else:
-            lengths = cache.source_lengths[cache_rows] if cache_rows is not None else cache.source_lengths[:B]
+        cache = ctx.cache
+        if ctx.ragged is not None:  # each sequence over its own cached source
+            rows = torch.tensor(ctx.ragged.rows, device=cache.source_lengths.device)
+            ctx.source_lengths = cache.source_lengths[rows].tolist()
+            return
+        if source is not None:
+            memory = source.memory if source.memory is not None else self.encode(source.ids, source.lengths)
+            src_len, lengths = memory.shape[1], source.lengths
+            if lengths is None:
+                lengths = torch.full((B,), src_len, device=memory.device)
+            ctx.memory = memory
+        elif cache is not None:
+            lengths = cache.source_lengths[ctx.rows] if ctx.rows is not None else cache.source_lengths[:B]
             src_len = cache.cross_k.shape[3]
+        else:
+            raise ValueError("an encoder-decoder pass needs a source, or a cache holding its cross-attention K/V")
         ctx.cross_mask = (torch.arange(src_len, device=lengths.device) < lengths[:, None])[:, None, None]
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        ids: torch.Tensor,
         positions: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        cache_rows: torch.Tensor | None = None,
+        cache: CacheRows | Ragged | None = None,
         logits_at: torch.Tensor | None = None,
-        memory: torch.Tensor | None = None,
-        source_lengths: torch.Tensor | None = None,
-        kv_len: int | None = None,
-        source_ids: torch.Tensor | None = None,
-        ragged: Ragged | None = None,
+        source: Source | None = None,
     ) -> torch.Tensor:
-        """Decoder pass: token ids (B, T) -> logits (B, V) at `logits_at`, or (B, T, V) for every position.
+        """Decoder pass: token ids (B, T) -> logits (B, V) at `logits_at` (B,), or (B, T, V) for every position.
 
-        With `ragged`, input_ids (1, T) hold several sequences back to back, no padding, each continuing its
-        row of `cache` (an engine's prompt pass), and the logits are (S, V) at each sequence's last token.
-
-        Encoder-decoder models take the encoder output as `memory` (with `source_lengths`), or the source
-        tokens as `source_ids` (encoded here: one call for training), or read the cross-attention K/V that
-        `write_cross_cache` stored in the cache. `kv_len` (> every position) may be
-        given to skip a device sync."""
-        B, T = input_ids.shape
-        if ragged is not None:
-            if B != 1 or cache is None or positions is None or sum(ragged.lengths) != T:
-                raise ValueError("ragged passes need input_ids (1, sum(lengths)), their positions and a cache")
-            logits_at = torch.tensor(ragged.last_tokens, device=input_ids.device)
-        ctx = self._self_attention_context(positions, T, B, input_ids.device, cache, cache_rows, kv_len, ragged)
-        positions = ctx.positions
-        if self.config.is_encoder_decoder and ragged is not None:  # ragged passes read the cache's cross K/V
-            rows = torch.tensor(ragged.rows, device=cache.source_lengths.device)
-            ctx.ragged = replace(ragged, sources=cache.source_lengths[rows].tolist())
-        elif self.config.is_encoder_decoder:
-            if source_ids is not None:
-                memory = self.encode(source_ids, source_lengths)
-            self._add_cross_attention(ctx, B, memory, source_lengths, cache, cache_rows)
-        x = self.embed(input_ids, positions)
+        A `Ragged` cache holds several sequences back to back in ids (1, T) (an engine's prompt pass); the logits
+        are then (S, V), at each sequence's last token. Encoder-decoder models attend over `source`, or without
+        one over the cross-attention K/V that `write_cross_cache` stored in the cache's rows."""
+        B, T = ids.shape
+        if isinstance(cache, Ragged):
+            if B != 1 or positions is None or sum(cache.lengths) != T or logits_at is not None:
+                raise ValueError("ragged passes take ids (1, sum(lengths)) and their positions, and no logits_at")
+            logits_at = torch.tensor(cache.last_tokens, device=ids.device)
+        ctx, positions = self._self_attention_context(positions, B, T, ids.device, cache)
+        if self.config.is_encoder_decoder:
+            self._add_cross_attention(ctx, B, source)
+        x = self.embed(ids, positions)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             # the last layer carries on only the positions asked for: the others' outputs would go nowhere
-            x = layer(x, ctx, i, keep=logits_at if i == last and T > 1 else None)
+            x = layer(x, ctx, i, logits_at=logits_at if i == last and T > 1 else None)
         if logits_at is not None:  # (B, 1, C) or ragged (1, S, C) -> (B or S, C): the positions asked for
-            x = x[0] if ragged is not None else x[:, 0]
+            x = x[0] if ctx.ragged is not None else x[:, 0]
         if self.norm is not None:
             x = self.norm(x)
         return self.lm_head(x).float()  # logits in fp32 whatever the weights' dtype

@@ -9,7 +9,10 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.config import DTYPES
+
 ROOT = Path(__file__).resolve().parents[1]
+DtypeName = Literal[tuple(DTYPES)]  # type: ignore[valid-type]  # the names model.config declares
 
 
 def default_model() -> Path:
@@ -32,7 +35,7 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+    dtype: DtypeName | None = Field(
         None, description="weight dtype (default: bfloat16 on CUDA, float32 on CPU)")
     max_batch_size: int = Field(32, ge=1, description="sequences decoded together (KV-cache rows)")
     max_seq_len: int | None = Field(None, ge=2, description="context length per sequence (default: the model's)")

@@ -1,14 +1,18 @@
 """Our CPU kernels (the CPU engine's default): linear layers on packed weights, activations and decode attention
 compute what PyTorch computes, each sequence's result is bit-identical whatever else is in the batch (prompt or
-decode), the weights are held once (packed), and where the kernels can't be built the model keeps PyTorch's layers."""
+decode), the runner's copy on them leaves the model it was given untouched and holds its weights once (packed),
+and where the kernels can't be built or disagree with Python's mirror of them the engine runs on PyTorch."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
+import logging
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -16,24 +20,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.kv_cache import KVCache
-from model.model import Attention, FeedForward
+from model.kv_cache import CacheRows, KVCache
+from model.model import FeedForward, Source
+from service.backends.cpu import abi
 from service.backends.cpu import library as cpu_library
+from service.backends.cpu.abi import ACTIVATIONS
 from service.backends.cpu.layers import (
     Activation,
-    CacheWriter,
     DecodeAttention,
+    KernelKVCache,
     KernelLinear,
     argmax,
     pack,
     unpack,
-    use_cpu_kernels,
 )
-from service.backends.cpu.library import ACTIVATIONS, CpuKernels
+from service.backends.cpu.library import CpuKernels
+from service.backends.cpu.transformer import KernelAttention, on_kernels
+from service.engine import runner as runner_module
 from service.engine.runner import DecodeInput, ModelRunner
 from service.engine.scheduler import PrefillChunk, ScheduledSequence
 from tests.support.kernels import needs_kernels
-from tests.support.models import check_ragged_pass, make_model
+from tests.support.models import check_ragged_pass, make_config, make_model
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +113,12 @@ def counting(kernel: CpuKernels) -> tuple[CpuKernels, list[tuple[int, int]]]:
 
 
 @needs_kernels
-def test_prompt_passes_and_decode_steps_run_every_linear_layer_on_the_kernel(kernel):
+def test_prompt_passes_and_decode_steps_run_every_linear_layer_on_the_kernel(kernel, monkeypatch):
     model = make_model("gpt2")
     library, calls = counting(kernel)
-    use_cpu_kernels(model, library)
-    runner = ModelRunner(model, max_batch_size=2, max_seq_len=32, cpu_kernels=False)  # swapped already
+    monkeypatch.setattr(runner_module, "kernels_for", lambda dtype, device: (library, None))
+    runner = ModelRunner(model, max_batch_size=2, max_seq_len=32)
+    runner.cpu_decode = None  # decode steps through the model's forward pass on the kernel layers, not the C step
     vocab, layers = model.config.vocab_size, model.config.num_hidden_layers
     seq = ScheduledSequence("a", prompt_len=5, max_new_tokens=4, row=0)
     runner.prefill([PrefillChunk(seq, 0, 5)], {"a": [1, 2, 3, 4, 5]})
@@ -158,54 +166,74 @@ def test_a_prompt_fills_the_cache_identically_alone_or_with_others(kernel):
 @needs_kernels
 @torch.no_grad()
 def test_a_ragged_pass_on_the_kernels_equals_each_sequence_alone(kernel, variant):
-    model = make_model(variant)
-    use_cpu_kernels(model, kernel)
-    check_ragged_pass(model)
+    check_ragged_pass(on_kernels(make_model(variant), kernel))
 
 
 @needs_kernels
 def test_kernel_model_matches_the_plain_model_with_a_kv_cache(kernel, variant):
     plain = make_model(variant)
-    fast = copy.deepcopy(plain)
-    layers = use_cpu_kernels(fast, kernel)
-    fused = [m for m in fast.modules() if isinstance(m, Attention) and m.qkv_proj is not None]
+    before = {name: t.clone() for name, t in plain.state_dict().items()}
+    fast = on_kernels(plain, kernel)
+    fused = [m for m in fast.modules() if isinstance(m, KernelAttention) and not m.cross]
     assert len(fused) == plain.config.num_hidden_layers + plain.config.num_encoder_layers  # every self-attention
-    assert layers == sum(isinstance(m, nn.Linear) for m in plain.modules()) - 2 * len(fused) > 0
-    assert not any(type(m) is nn.Linear for m in fast.modules())
-    # each weight matrix is held once, packed (the row-major original is released); biases stay shared
+    linears = sum(isinstance(m, nn.Linear) for m in plain.modules())
+    assert sum(isinstance(m, KernelLinear) for m in fast.modules()) == linears - 2 * len(fused) > 0
+    assert not any(type(m) is nn.Linear for m in fast.modules()) and not fast.training
+    # the model it came from is as it was: its own layers, weights and buffers
+    assert not any(isinstance(m, (KernelLinear, KernelAttention)) for m in plain.modules())
+    assert plain.state_dict().keys() == before.keys()
+    assert all(torch.equal(t, before[name]) for name, t in plain.state_dict().items())
+    # each weight matrix is packed once; embeddings, norms and biases are the model's own tensors
     linear_weights = sum(m.weight.numel() for m in plain.modules() if isinstance(m, nn.Linear))
     packed = sum(m.packed.numel() for m in fast.modules() if isinstance(m, KernelLinear))
     assert linear_weights <= packed < linear_weights * 1.1  # panels of 16 outputs: a few zeros of padding
+    assert fast.embed_tokens.weight is plain.embed_tokens.weight
     for name, module in fast.named_modules():
         if name.endswith("qkv_proj"):
             attention = plain.get_submodule(name.removesuffix(".qkv_proj"))
             original = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
             assert torch.equal(module.weight, original), name
-            assert fast.get_submodule(name.removesuffix(".qkv_proj")).q_proj is None  # released
+            assert not hasattr(fast.get_submodule(name.removesuffix(".qkv_proj")), "q_proj")
         elif isinstance(module, KernelLinear):
             assert torch.equal(module.weight, plain.get_submodule(name).weight), name
-    assert isinstance(fast.decode_attention, DecodeAttention)
+            assert module.bias is plain.get_submodule(name).bias, name
+    for name, module in fast.named_modules():  # the decoder's attention on the decode kernel, the encoder's on SDPA
+        if isinstance(module, KernelAttention):
+            assert isinstance(module.decode_attention, DecodeAttention) != name.startswith("encoder_layers."), name
     on_kernel = plain.config.activation in ACTIVATIONS
     assert all(isinstance(m.act, Activation) == on_kernel for m in fast.modules() if isinstance(m, FeedForward))
+    assert not any(isinstance(m.act, Activation) for m in plain.modules() if isinstance(m, FeedForward))
     twin = copy.deepcopy(fast)  # copies share the loaded library
     assert twin.lm_head.kernels is fast.lm_head.kernels and twin.lm_head.packed is not fast.lm_head.packed
 
     config = plain.config
     ids = torch.randint(0, config.vocab_size, (3, 12))
     positions = torch.arange(12).expand(3, 12)
-    kwargs = {}
+    source = None
     if config.is_encoder_decoder:
-        kwargs = dict(source_ids=torch.randint(0, config.vocab_size, (3, 9)), source_lengths=torch.tensor([9, 5, 7]))
+        source = Source(torch.randint(0, config.vocab_size, (3, 9)), torch.tensor([9, 5, 7]))
     with torch.inference_mode():
-        torch.testing.assert_close(fast(ids, positions, **kwargs), plain(ids, positions, **kwargs),
+        torch.testing.assert_close(fast(ids, positions, source=source), plain(ids, positions, source=source),
                                    rtol=1e-5, atol=1e-5)
-        assert torch.equal(twin(ids, positions, **kwargs), fast(ids, positions, **kwargs))
+        assert torch.equal(twin(ids, positions, source=source), fast(ids, positions, source=source))
         if not config.is_encoder_decoder:  # and step by step through the KV cache
             caches = [KVCache(config, 3, 16) for _ in range(2)]
             for t in range(12):
-                step = [m(ids[:, t:t + 1], positions[:, t:t + 1], cache=c, logits_at=torch.zeros(3, dtype=torch.long))
+                step = [m(ids[:, t:t + 1], positions[:, t:t + 1], CacheRows(c), logits_at=torch.zeros(3).long())
                         for m, c in zip((fast, plain), caches)]
                 torch.testing.assert_close(step[0], step[1], rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_once_the_model_is_let_go_the_packed_panels_are_the_only_copy_of_its_weights(kernel):
+    model = make_model("gpt2", tie_word_embeddings=False)
+    runner = ModelRunner(model, max_batch_size=2, max_seq_len=32)
+    weights = [weakref.ref(m.weight) for m in model.modules() if isinstance(m, nn.Linear)]
+    embedding = model.embed_tokens.weight
+    del model
+    gc.collect()
+    assert weights and all(w() is None for w in weights)  # no row-major weight matrix outlives the model
+    assert runner.model.embed_tokens.weight is embedding  # the embedding is shared, not copied
 
 
 @needs_kernels
@@ -213,26 +241,51 @@ def test_runner_uses_the_kernel_on_cpu_unless_told_not_to(kernel):
     model = make_model("gpt2")
     expected = model.num_parameters()
     runner = ModelRunner(model, max_batch_size=8, max_seq_len=32)
-    assert runner.num_parameters == expected
-    assert any(isinstance(m, KernelLinear) for m in model.modules())
-
-    assert runner.cpu_kernels and model.decode_attention is not None
+    assert runner.num_parameters == expected and model.num_parameters() == expected
+    assert any(isinstance(m, KernelLinear) for m in runner.model.modules())
+    assert not any(isinstance(m, KernelLinear) for m in model.modules())  # the model given is left alone
+    assert runner.cpu_kernels and isinstance(runner.cache, KernelKVCache)
+    assert runner.backend_info == {"prefill": "cpu-kernels", "decode": "cpu-decode-step",
+                                   "decode_fallback_reason": None}
     assert ModelRunner(model, max_batch_size=1, max_seq_len=32).cpu_kernels  # a second engine on the same model
 
-    plain = make_model("gpt2")
-    runner = ModelRunner(plain, max_batch_size=8, max_seq_len=32, cpu_kernels=False)
-    assert not any(isinstance(m, KernelLinear) for m in plain.modules())
-    assert not runner.cpu_kernels and plain.decode_attention is None
+    runner = ModelRunner(model, max_batch_size=8, max_seq_len=32, cpu_kernels=False)
+    assert not any(isinstance(m, KernelLinear) for m in runner.model.modules())
+    assert not runner.cpu_kernels and type(runner.cache) is KVCache
+    assert runner.backend_info == {"prefill": "pytorch", "decode": "pytorch",
+                                   "decode_fallback_reason": "CPU kernels switched off"}
 
 
 @needs_kernels
-def test_bfloat16_weights_are_left_alone(kernel):
+def test_bfloat16_weights_run_on_pytorch(kernel):
     model = make_model("llama-gqa").to(torch.bfloat16)
-    assert use_cpu_kernels(model, kernel) == 0
-    assert not any(isinstance(m, KernelLinear) for m in model.modules()) and model.decode_attention is None
-    layer = KernelLinear(nn.Linear(16, 8), kernel).to(torch.bfloat16)  # cast after the swap: PyTorch computes it
+    runner = ModelRunner(model, max_batch_size=2, max_seq_len=32)
+    assert not runner.cpu_kernels and not any(isinstance(m, KernelLinear) for m in runner.model.modules())
+    assert runner.backend_info["decode"] == "pytorch"
+    assert "float32" in runner.backend_info["decode_fallback_reason"]
+    layer = KernelLinear(nn.Linear(16, 8), kernel).to(torch.bfloat16)  # cast after packing: PyTorch computes it
     x = torch.randn(3, 16, dtype=torch.bfloat16)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+@needs_kernels
+def test_a_library_that_disagrees_with_pythons_mirror_is_refused(kernel, monkeypatch, caplog):
+    assert cpu_library.load(cpu_library.kernel_dir()) is not None  # the real one agrees
+    monkeypatch.setattr(abi, "PANEL", abi.PANEL * 2)  # as if cpu.h had changed and abi.py not
+    with caplog.at_level(logging.WARNING, logger=cpu_library.__name__):
+        assert cpu_library.load(cpu_library.kernel_dir()) is None
+    assert "PANEL is 16" in caplog.text and "abi.py" in caplog.text and "using PyTorch" in caplog.text
+    monkeypatch.undo()
+    mirror = abi.expected()  # a struct changed on one side only: the engine then runs on PyTorch
+    monkeypatch.setattr(abi, "expected", lambda: mirror | {"sizeof(StepModel)": mirror["sizeof(StepModel)"] + 8})
+    cpu_library.loaded.cache_clear()
+    try:
+        runner = ModelRunner(make_model("gpt2"), max_batch_size=2, max_seq_len=16)
+        assert not runner.cpu_kernels and runner.backend_info["decode"] == "pytorch"
+        assert "sizeof(StepModel)" in runner.backend_info["decode_fallback_reason"]
+    finally:
+        monkeypatch.undo()
+        cpu_library.loaded.cache_clear()
 
 
 def test_without_a_compiler_the_model_keeps_pytorch_layers(tmp_path, monkeypatch):
@@ -291,21 +344,23 @@ def test_decode_attention_leaves_other_shapes_to_sdpa(kernel):
 
 
 @needs_kernels
-def test_cache_writer_puts_rows_where_index_put_does(kernel):
+def test_kernel_cache_writes_rows_where_index_put_does(kernel):
     torch.manual_seed(0)
-    write = CacheWriter(kernel)
-    B, H, T, D, rows = 3, 2, 5, 16, 64
-    index = torch.randperm(rows)[:B * H * T]
-    k = torch.randn(B, T, H, D).transpose(1, 2)  # (B, H, T, D) as attention makes it: strided, rows contiguous
-    v = torch.randn(B, H, T, D)  # another layout (a rotated key is contiguous, its value is not)
-    caches = [torch.zeros(rows // H, H, 1, D) for _ in range(4)]
-    assert write(caches[0], caches[1], index, k, v)
-    caches[2].view(-1, D).index_put_((index,), k.reshape(-1, D))
-    caches[3].view(-1, D).index_put_((index,), v.reshape(-1, D))
-    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
-    half = [c.bfloat16() for c in caches[:2]]
-    assert not write(*half, index, k.bfloat16(), v.bfloat16())  # the cache falls back to index_put_
-    assert not write(caches[0], caches[1], index, k.transpose(2, 3), v.transpose(2, 3))  # rows not contiguous
+    config = make_config("llama-gqa")  # 2 KV heads of 16 dims
+    B, H, T, D = 3, config.num_key_value_heads, 5, config.head_dim
+    caches = [KernelKVCache(kernel, config, 4, 15), KVCache(config, 4, 15)]
+    index = torch.randperm(4 * H * 16)[:B * H * T]
+    layouts = [
+        (torch.randn(B, T, H, D).transpose(1, 2), torch.randn(B, H, T, D)),  # as attention makes them: on the kernel
+        (torch.randn(B, H, D, T).transpose(2, 3), torch.randn(B, H, T, D)),  # rows not contiguous: index_put_
+    ]
+    for layer, (k, v) in enumerate(layouts):
+        for cache in caches:
+            cache.write(layer, index, k, v)
+        assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    half = KernelKVCache(kernel, config, 4, 15, dtype=torch.bfloat16)  # other dtypes: index_put_
+    half.write(0, index, *(t.bfloat16() for t in layouts[0]))
+    assert torch.equal(half.k[0], caches[1].k[0].bfloat16())
 
 
 @needs_kernels

@@ -4,9 +4,11 @@ streaming text, encoder-decoder requests and next-token distributions."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -48,11 +50,11 @@ def engine_factory(tokenizer):
     yield make
     for engine in engines:
         deadline = 200
-        while (engine.stats["running"] or engine._active) and deadline:  # aborts land within a step
+        while (engine.stats.running or engine._active) and deadline:  # aborts land within a step
             asyncio.run(asyncio.sleep(0.01))
             deadline -= 1
         assert engine.scheduler.free_rows == engine.config.max_batch_size, "cache rows leaked"
-        assert not engine._active and engine.stats["waiting"] == 0
+        assert not engine._active and engine.stats.waiting == 0
         engine.shutdown()
 
 
@@ -275,6 +277,19 @@ def test_bad_requests_are_refused_before_any_compute(engine_factory, tokenizer):
         with pytest.raises(QueueFull):
             await anext(engine.submit(GenerationRequest([5, 6], params)))
     asyncio.run(flood())
+
+
+def test_the_engine_keeps_no_reference_to_its_checkpoint(tokenizer):
+    """The runner owns the model from then on: the checkpoint's own copy of the weights must be free to go."""
+    checkpoint = make_checkpoint(tokenizer)
+    path, config = checkpoint.path, checkpoint.config
+    released = weakref.ref(checkpoint)
+    engine = Engine(checkpoint, EngineConfig(max_batch_size=2))
+    del checkpoint
+    gc.collect()
+    assert released() is None
+    assert engine.checkpoint_path == path and engine.model_config is config
+    assert engine.generation_config.eos_token_id == tokenizer.eos_id
 
 
 def test_engine_keeps_serving_after_a_failed_step(engine_factory, tokenizer, monkeypatch):

@@ -4,6 +4,7 @@ included), the official openai client, the error shapes, disconnects and timeout
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import math
@@ -12,6 +13,9 @@ import httpx
 import openai
 import pytest
 
+from service.api.schemas import CompletionRequest, GenerateRequest
+from service.engine.limits import limits_of
+from service.engine.sampling import SamplingParams
 from service.settings import Settings
 from tests.support.live_server import (
     LiveServer,
@@ -159,6 +163,11 @@ def test_tokenize_detokenize_and_info(server):
     assert info["model"] == "tiny-dec" and info["device"] == "cpu" and info["dtype"] == "float32"
     assert info["config"]["vocab_size"] == server.engine.vocab_size and info["parameters"] > 0
     assert info["cpu_kernels"] == server.engine.runner.cpu_kernels
+    backend = info["backend"]  # which compute path runs, as the runner reports it
+    assert set(backend) == {"prefill", "decode", "decode_fallback_reason"}
+    assert backend == server.engine.runner.backend_info
+    assert all(isinstance(backend[k], str) and backend[k] for k in ("prefill", "decode"))
+    assert backend["decode_fallback_reason"] is None or isinstance(backend["decode_fallback_reason"], str)
     assert info["limits"]["max_seq_len"] == 512 and info["limits"]["max_batch_size"] == 8
     models = server.client.get("/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny-dec"]
@@ -271,6 +280,14 @@ def test_completions_n_echo_seed_and_token_prompts(server):
 def test_invalid_fields_are_400_naming_the_field(server, path, body, param, code):
     error = assert_error(server.client.post(path, json=body), 400, param, code)
     assert error["type"] == "invalid_request_error" and error["message"].startswith(param.split(".")[0])
+
+
+def test_both_apis_take_each_sampling_limit_from_the_engine():
+    for name in (f.name for f in dataclasses.fields(SamplingParams)):
+        expected = limits_of(SamplingParams, name).constraints()
+        for schema in (GenerateRequest, CompletionRequest):
+            constraints = {k: v for m in schema.model_fields[name].metadata for k, v in dataclasses.asdict(m).items()}
+            assert constraints == expected, (schema.__name__, name)
 
 
 def test_context_overflow_is_400_naming_both_numbers_before_any_compute(server):

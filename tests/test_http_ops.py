@@ -139,7 +139,7 @@ def test_ready_is_503_until_loaded_and_warmed_up_then_health_reports_a_dead_engi
             queued = threading.Thread(target=never_taken)
             queued.start()
             time.sleep(0.2)
-            engine._inbox.put(("add",))  # a malformed message: the engine thread dies of it
+            engine._inbox.put(("add",))  # not an engine message (a bug): the engine thread dies of it
             rest = list(events)
         assert rest[-1] == "[DONE]" and rest[-2]["finish_reason"] == "error"
         assert "engine thread died" in rest[-2]["error"]["message"]

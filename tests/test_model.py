@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from model.config import ConfigError, ModelConfig
-from model.kv_cache import KVCache, bytes_per_token
-from model.model import entropy, log_probs, probs
+from model.kv_cache import CacheRows, KVCache, bytes_per_token
+from model.model import Source, entropy, log_probs, probs
 from service.backends.cpu import pages
 from tests.support.models import (
     DECODER_ONLY,
@@ -20,6 +20,7 @@ from tests.support.models import (
     make_config,
     make_model,
     source_for,
+    source_row,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -28,12 +29,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 @torch.no_grad()
 def test_changing_a_future_token_never_changes_earlier_logits(variant):
     model = make_model(variant)
-    memory, lengths = source_for(model, 2)
+    source = source_for(model, 2)
     ids = torch.randint(0, VOCAB, (2, 24))
-    before = model(ids, memory=memory, source_lengths=lengths)
+    before = model(ids, source=source)
     changed = ids.clone()
     changed[:, 15:] = (changed[:, 15:] + 1) % VOCAB
-    after = model(changed, memory=memory, source_lengths=lengths)
+    after = model(changed, source=source)
     assert torch.equal(before[:, :15], after[:, :15])
     assert not torch.allclose(before[:, 15:], after[:, 15:])  # the change is visible where it should be
 
@@ -41,8 +42,7 @@ def test_changing_a_future_token_never_changes_earlier_logits(variant):
 @torch.no_grad()
 def test_output_probabilities_sum_to_one_and_match_float64_softmax(variant):
     model = make_model(variant)
-    memory, lengths = source_for(model, 3)
-    logits = model(torch.randint(0, VOCAB, (3, 10)), memory=memory, source_lengths=lengths)  # (B, T, V)
+    logits = model(torch.randint(0, VOCAB, (3, 10)), source=source_for(model, 3))  # (B, T, V)
     for temperature in (1.0, 0.7, 2.0):
         p = probs(logits, temperature)
         assert p.dtype == torch.float32
@@ -82,16 +82,15 @@ def test_kv_cached_decoding_equals_full_recompute_for_64_steps_with_rows_of_diff
     batch = len(prompt_lengths)
     g = torch.Generator().manual_seed(3)
     sequences = [torch.randint(0, VOCAB, (n + steps,), generator=g) for n in prompt_lengths]
-    memory, lengths = source_for(model, batch)
+    source = source_for(model, batch)
     cache = KVCache(model.config, batch_size=batch, max_seq_len=max(prompt_lengths) + steps + 1,
                     max_source_len=9)
-    if memory is not None:
-        model.write_cross_cache(cache, torch.arange(batch), memory, lengths)
+    if source is not None:
+        model.write_cross_cache(cache, torch.arange(batch), source.memory, source.lengths)
 
     def full_logits(row: int, length: int) -> torch.Tensor:
         seq = sequences[row][:length][None]
-        mem = None if memory is None else memory[row:row + 1]
-        return model(seq, memory=mem, logits_at=torch.tensor([length - 1]))[0]
+        return model(seq, logits_at=torch.tensor([length - 1]), source=source_row(source, row))[0]
 
     # prefill: one right-padded batch, in two chunks so a chunk continues a cached prefix
     longest, split = max(prompt_lengths), 12
@@ -100,14 +99,14 @@ def test_kv_cached_decoding_equals_full_recompute_for_64_steps_with_rows_of_diff
     for row, n in enumerate(prompt_lengths):
         ids[row, :n] = sequences[row][:n]
         positions[row, :n] = torch.arange(n)
-    model(ids[:, :split], positions[:, :split], cache=cache, logits_at=torch.zeros(batch, dtype=torch.long))
+    model(ids[:, :split], positions[:, :split], CacheRows(cache), logits_at=torch.zeros(batch, dtype=torch.long))
     last = torch.tensor([n - 1 - split if n > split else 0 for n in prompt_lengths])
     chunk_pos = positions[:, split:].clone()
     for row, n in enumerate(prompt_lengths):
         if n <= split:  # the row's prompt ended in the first chunk: ask again for its last position
             chunk_pos[row, 0] = n - 1
             ids[row, split] = sequences[row][n - 1]
-    logits = model(ids[:, split:], chunk_pos, cache=cache, logits_at=last)
+    logits = model(ids[:, split:], chunk_pos, CacheRows(cache), logits_at=last)
     for row, n in enumerate(prompt_lengths):
         assert (logits[row] - full_logits(row, n)).abs().max() <= 1e-5
 
@@ -115,7 +114,7 @@ def test_kv_cached_decoding_equals_full_recompute_for_64_steps_with_rows_of_diff
     for step in range(steps):
         pos = torch.tensor([[n + step] for n in prompt_lengths])
         tokens = torch.stack([sequences[row][n + step] for row, n in enumerate(prompt_lengths)])[:, None]
-        logits = model(tokens, pos, cache=cache, logits_at=torch.zeros(batch, dtype=torch.long))
+        logits = model(tokens, pos, CacheRows(cache), logits_at=torch.zeros(batch, dtype=torch.long))
         for row, n in enumerate(prompt_lengths):
             worst = max(worst, float((logits[row] - full_logits(row, n + step + 1)).abs().max()))
     assert worst <= 1e-5, worst
@@ -130,21 +129,20 @@ def test_a_ragged_pass_equals_each_sequence_alone(variant):
 def test_cache_rows_can_be_any_subset_of_the_cache(variant):
     """A sequence keeps its cache row while others come and go (continuous batching)."""
     model = make_model(variant)
-    memory, lengths = source_for(model, 2)
+    source = source_for(model, 2)
     cache = KVCache(model.config, batch_size=5, max_seq_len=40, max_source_len=9)
     rows = torch.tensor([4, 1])
-    if memory is not None:
-        model.write_cross_cache(cache, rows, memory, lengths)
+    if source is not None:
+        model.write_cross_cache(cache, rows, source.memory, source.lengths)
     ids = torch.randint(0, VOCAB, (2, 20))
-    expected = model(ids, memory=memory, source_lengths=lengths)
-    model(ids[:, :8], cache=cache, cache_rows=rows, logits_at=torch.full((2,), 7))
+    expected = model(ids, source=source)
+    model(ids[:, :8], cache=CacheRows(cache, rows), logits_at=torch.full((2,), 7))
     for t in range(8, 20):  # decode only row 1 for a while, then both again
         sel = rows[1:] if t < 12 else rows
         sub = slice(1, 2) if t < 12 else slice(0, 2)
         if t == 12:  # row 4 catches up on tokens 8..11 in one chunk
-            model(ids[:1, 8:12], torch.arange(8, 12)[None], cache=cache, cache_rows=rows[:1],
-                  logits_at=torch.tensor([3]))
-        out = model(ids[sub, t:t + 1], torch.full((sel.numel(), 1), t), cache=cache, cache_rows=sel,
+            model(ids[:1, 8:12], torch.arange(8, 12)[None], CacheRows(cache, rows[:1]), logits_at=torch.tensor([3]))
+        out = model(ids[sub, t:t + 1], torch.full((sel.numel(), 1), t), CacheRows(cache, sel),
                     logits_at=torch.zeros(sel.numel(), dtype=torch.long))
         assert (out - expected[sub, t]).abs().max() <= 1e-5
 
@@ -154,16 +152,15 @@ def test_a_sequences_logits_do_not_depend_on_other_rows_in_its_batch(variant):
     model = make_model(variant)
     lengths = [3, 11, 7, 16]
     rows = [torch.randint(0, VOCAB, (n,)) for n in lengths]
-    memory, src_lengths = source_for(model, len(rows))
+    source = source_for(model, len(rows))
     ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
     positions = torch.full(ids.shape, -1)
     for i, r in enumerate(rows):
         ids[i, :len(r)] = r
         positions[i, :len(r)] = torch.arange(len(r))
-    batched = model(ids, positions, memory=memory, source_lengths=src_lengths)
+    batched = model(ids, positions, source=source)
     for i, r in enumerate(rows):
-        mem = None if memory is None else memory[i:i + 1]
-        alone = model(r[None], memory=mem)
+        alone = model(r[None], source=source_row(source, i))
         assert (batched[i, :len(r)] - alone[0]).abs().max() <= 1e-5
 
 
@@ -173,33 +170,34 @@ def test_cross_attention_sees_the_source_but_not_its_padding(variant):
     model = make_model(variant)
     src = torch.randint(3, VOCAB, (1, 8))
     tgt = torch.randint(3, VOCAB, (1, 6))
-    base = model(tgt, memory=model.encode(src))
+    base = model(tgt, source=Source(memory=model.encode(src)))
     other = src.clone()
     other[0, 2] = (other[0, 2] + 5) % VOCAB
-    assert (model(tgt, memory=model.encode(other)) - base).abs().max() > 1e-4  # cross-attention is wired
+    assert (model(tgt, source=Source(other)) - base).abs().max() > 1e-4  # cross-attention is wired
 
     padded = torch.cat([src, torch.randint(0, VOCAB, (1, 5))], dim=1)  # 5 junk padding tokens
     lengths = torch.tensor([8])
-    out = model(tgt, memory=model.encode(padded, lengths), source_lengths=lengths)
+    out = model(tgt, source=Source(memory=model.encode(padded, lengths), lengths=lengths))
     assert (out - base).abs().max() <= 1e-5
+    assert torch.equal(model(tgt, source=Source(padded, lengths)), out)  # encoded in the pass: the same
 
 
 @torch.no_grad()
 def test_logits_at_returns_only_the_requested_positions(variant):
     model = make_model(variant)
-    memory, lengths = source_for(model, 2)
+    source = source_for(model, 2)
     ids = torch.randint(0, VOCAB, (2, 9))
-    full = model(ids, memory=memory, source_lengths=lengths)
+    full = model(ids, source=source)
     seen = []  # rows the last layer's feed-forward gets: only the positions asked for go past its attention
     hook = model.layers[-1].mlp.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[:2]))
-    picked = model(ids, memory=memory, source_lengths=lengths, logits_at=torch.tensor([8, 3]))
+    picked = model(ids, logits_at=torch.tensor([8, 3]), source=source)
     hook.remove()
     assert picked.shape == (2, VOCAB) and seen == [(2, 1)]
     assert torch.allclose(picked, torch.stack([full[0, 8], full[1, 3]]), atol=1e-6)
 
     positions = torch.arange(9).expand(2, 9).clone()
     positions[1, 4:] = -1  # row 1 is 4 tokens long, right-padded
-    padded = model(ids, positions, memory=memory, source_lengths=lengths, logits_at=torch.tensor([8, 3]))
+    padded = model(ids, positions, logits_at=torch.tensor([8, 3]), source=source)
     assert torch.allclose(padded, torch.stack([full[0, 8], full[1, 3]]), atol=1e-5)
 
 

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from service.engine.limits import Limits
+from service.engine.request import GenerationParams
 from service.engine.sampling import (
     RowState,
     SamplingParams,
@@ -69,6 +71,17 @@ def reference_distribution(logits: list[float], p: SamplingParams) -> list[float
 def test_validate_rejects_each_bad_field_by_name(field, bad):
     with pytest.raises(ValueError, match=f"^{field} "):
         SamplingParams(**{field: bad}).validate()
+
+
+def test_limits_admit_and_state_their_range():
+    top_p = Limits(gt=0, le=1)
+    assert top_p.admits(1) and top_p.admits(0.5) and not top_p.admits(0) and not top_p.admits(float("nan"))
+    assert str(top_p) == "in (0, 1]" and str(Limits(ge=0, lt=8)) == "in [0, 8)" and str(Limits(ge=0)) == ">= 0"
+    assert top_p.constraints() == {"gt": 0, "le": 1}
+    with pytest.raises(ValueError, match="^max_new_tokens must be an integer >= 1, got 1.5"):
+        GenerationParams(max_new_tokens=1.5).validate()
+    with pytest.raises(ValueError, match="^top_k must be an integer >= 0"):
+        SamplingParams(top_k=2.0).validate()
 
 
 def test_validate_accepts_the_edges():

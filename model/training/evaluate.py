@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from model.checkpoint import load_checkpoint
-from model.kv_cache import KVCache
-from model.model import Transformer
+from model.kv_cache import CacheRows, KVCache
+from model.model import Source, Transformer
 from model.tokenizer import Tokenizer
 from model.training.data import NUMBERS_PRESET, Document, load_text_corpus, number_pairs, numbers_heldout
 
@@ -130,7 +130,7 @@ def greedy_decode_batch(model: Transformer, sources: list[list[int]], start_id: 
     zero = torch.zeros(B, dtype=torch.long, device=device)
     for step in range(max_new_tokens):
         positions = torch.full((B, 1), step, device=device)
-        tokens = model(tokens, positions, cache=cache, logits_at=zero, kv_len=step + 1).argmax(-1)[:, None]
+        tokens = model(tokens, positions, CacheRows(cache, kv_len=step + 1), logits_at=zero).argmax(-1)[:, None]
         for i in (~done).nonzero().flatten().tolist():
             if int(tokens[i]) == eos_id:
                 done[i] = True
@@ -167,7 +167,7 @@ def evaluate_numbers(model: Transformer, tokenizer: Tokenizer, numbers: list[int
     for i in range(0, len(numbers), batch_size):
         pairs = number_pairs(numbers[i:i + batch_size])
         source, lengths, decoder_in, positions, labels = (t.to(device) for t in seq2seq_batch(tokenizer, pairs))
-        logits = model(decoder_in, positions, memory=model.encode(source, lengths), source_lengths=lengths)
+        logits = model(decoder_in, positions, source=Source(source, lengths))
         nats += float(F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"))
         count += int((labels != -100).sum())
         nbytes += sum(len(words.encode()) + 1 for _, words in pairs)  # +1: the end of the sequence

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from model.model import Transformer
+from model.model import Source, Transformer
 from model.tokenizer import Tokenizer
 from model.training.config import TrainConfig
 from model.training.data import (
@@ -33,13 +33,17 @@ TOKENIZER_SAMPLE_NUMBERS = 20_000  # number pairs the numbers tokenizer is train
 
 @dataclass
 class Batch:
-    args: tuple[torch.Tensor, ...]  # positional arguments of Transformer.forward
-    kwargs: dict[str, torch.Tensor]
+    args: tuple[torch.Tensor, ...]  # positional arguments of Transformer.forward: ids (B, T)[, positions (B, T)]
+    kwargs: dict[str, torch.Tensor]  # encoder-decoder batches: source_ids (B, S) and source_lengths (B,)
     labels: torch.Tensor  # next-token targets, -100 where nothing is predicted
     num_tokens: int
 
-    def inputs(self, device: torch.device) -> tuple[Any, ...]:
-        return tuple(a.to(device) for a in self.args), {k: v.to(device) for k, v in self.kwargs.items()}
+    def inputs(self, device: torch.device) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+        """Transformer.forward's arguments on `device`."""
+        args, kwargs = tuple(a.to(device) for a in self.args), {k: v.to(device) for k, v in self.kwargs.items()}
+        if not kwargs:
+            return args, {}
+        return args, {"source": Source(kwargs["source_ids"], kwargs["source_lengths"])}
 
     def shard(self, rank: int, world: int) -> Batch:
         """This process's contiguous slice of the global batch."""

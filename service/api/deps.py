@@ -4,22 +4,25 @@ the streaming response that aborts its engine requests however it ends."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from service.api.errors import APIError, unavailable
+from service.api.errors import APIError, error_body, unavailable
 from service.api.generation import Serving
 
+log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
 
 
 def get_serving(request: Request) -> Serving:
-    """The loaded model, or 503 (with Retry-After) while it loads, after it failed or once the engine died."""
+    """The loaded model, or 503 (with Retry-After) while it loads, after it failed or once the engine died: the
+    one readiness check, for the routes and /ready alike."""
     state = request.app.state.lmserve
     serving = state.serving
     if serving is None or not state.ready:
@@ -51,14 +54,27 @@ def check_count(count: int, limit: int, param: str = "prompt") -> None:
                        param=param, code="too_many_prompts")
 
 
+async def _reporting_failures(events: AsyncGenerator[bytes, None], request: Request) -> AsyncIterator[bytes]:
+    """`events`, ended by an error event if the code producing them fails: the status line is gone by then, so the
+    stream itself must say it."""
+    try:
+        async for event in events:
+            yield event
+    except Exception:
+        log.exception("stream of request %s failed", request_id(request))
+        yield sse(error_body("internal server error", "internal_error"))
+    finally:
+        await events.aclose()  # its own cleanup (the access-log fields) runs now, not whenever it is collected
+
+
 class EventStream(StreamingResponse):
-    """An SSE response that runs `on_close` however it ends: finished, client gone (Starlette cancels the
+    """An SSE response that runs `on_close` however it ends: finished, failed, client gone (Starlette cancels the
     stream) or never started at all, so the engine requests behind it are always aborted."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
-        super().__init__(content, headers=SSE_HEADERS)
+    def __init__(self, events: AsyncGenerator[bytes, None], request: Request, on_close: Callable[[], None]) -> None:
+        super().__init__(_reporting_failures(events, request), headers=SSE_HEADERS)
         self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

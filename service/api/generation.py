@@ -1,11 +1,11 @@
 """What the generation routes share: turning prompts into engine requests (with the limits checked before any
 compute) and running one HTTP request's engine requests together until they finish, time out or lose their client.
 
-Life of a generation request: `Serving.prompts` encodes the prompts, `Serving.request` builds and checks each
-engine request, `Generation.start` submits them all and waits for each one's first output (so a full queue is a
-503 before any response starts), then `Generation.events` yields `(index, RequestOutput)` as they come. A timer
-aborts whatever is unfinished at the request timeout (the engine then finishes those with `abort`); a client that
-disconnects cancels the consumer, and `Generation.close` aborts the rest at once.
+Life of a generation request: `Serving.prompts` encodes the prompts, `Serving.requests` builds and checks the
+engine requests from the request body, `Generation.start` submits them all and waits for each one's first output
+(so a full queue is a 503 before any response starts), then `Generation.events` yields `(index, RequestOutput)` as
+they come. A timer aborts whatever is unfinished at the request timeout (the engine then finishes those with
+`abort`); a client that disconnects cancels the consumer, and `Generation.close` aborts the rest at once.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
 
 from fastapi import Request
+from pydantic import BaseModel
 
 from service.api.errors import APIError, ClientDisconnected, from_value_error, unavailable
 from service.api.metrics import Metrics, RequestTimer
@@ -30,6 +31,7 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 LONG_TEXT = 20_000  # characters; longer prompts are tokenized in a worker thread, off the event loop
+ENGINE_FIELDS = tuple(f.name for f in fields(GenerationParams))
 
 
 @dataclass
@@ -54,7 +56,7 @@ class Serving:
         self.tokenizer = engine.tokenizer
         self.created = int(time.time())
         self.live: set[Generation] = set()  # generations between start and close, for fail_all
-        gen = engine.checkpoint.generation
+        gen = engine.generation_config
         self.start_id = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else gen.bos_token_id
         # request fields left unset take the checkpoint's generation_config.json values, as vLLM does
         self.defaults = {"temperature": gen.temperature, "top_k": gen.top_k, "top_p": gen.top_p}
@@ -110,8 +112,34 @@ class Serving:
 
     # ---- engine requests -------------------------------------------------------------------------------------
 
-    def request(self, prompt: Prompt, params: GenerationParams, *, explicit_max: bool, names: Mapping[str, str],
-                param: str = "prompt") -> GenerationRequest:
+    def requests(self, prompts: list[Prompt], body: BaseModel, *, names: Mapping[str, str] | None = None,
+                 defaults: Mapping[str, Any] | None = None, choices: int = 1) -> list[GenerationRequest]:
+        """The engine requests of one HTTP request, `choices` per prompt, each checked before any compute.
+
+        `names` maps engine field names to this endpoint's (max_new_tokens -> max_tokens). A field the client gave
+        wins; one left out or sent as null takes the endpoint's default (`defaults`), else the checkpoint's
+        (temperature, top_k, top_p, as vLLM does), else GenerationParams' own. Choice c of a seeded request uses
+        seed + c, so the choices differ and each one repeats."""
+        names = names or {}
+        given: dict[str, Any] = {}
+        for name in ENGINE_FIELDS:
+            api_name = names.get(name, name)
+            if api_name in body.model_fields_set and getattr(body, api_name) is not None:
+                given[name] = getattr(body, api_name)
+        values = {**self.defaults, **(defaults or {}), **given}
+        stop = values.get("stop", ())
+        values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+        values["stop_token_ids"] = tuple(values.get("stop_token_ids", ()))
+        params = GenerationParams(**values)
+
+        def choice(c: int) -> GenerationParams:
+            return params if params.seed is None else replace(params, seed=(params.seed + c) % 2**63)
+        return [self._checked_request(prompt, choice(c), explicit_max="max_new_tokens" in given, names=names,
+                                      param=f"prompt[{i}]" if len(prompts) > 1 else "prompt")
+                for i, prompt in enumerate(prompts) for c in range(choices)]
+
+    def _checked_request(self, prompt: Prompt, params: GenerationParams, *, explicit_max: bool,
+                         names: Mapping[str, str], param: str = "prompt") -> GenerationRequest:
         """An engine request, checked before any compute. Without an explicit max_new_tokens the default is cut
         to the context left; an explicit one that does not fit is a 400 naming both numbers."""
         max_name = names.get("max_new_tokens", "max_new_tokens")
@@ -250,9 +278,8 @@ class Generation:
         for index, request in enumerate(self.requests):
             if not self.finished[index]:
                 self.finished[index] = True
-                out = RequestOutput(request.request_id, "", [], [] if request.params.logprobs is not None else None,
-                                    len(request.prompt_ids), self.timers[index].completion_tokens, True,
-                                    FinishReason.ERROR, self.failure)
+                out = RequestOutput.ended(request, FinishReason.ERROR, self.failure,
+                                          completion_tokens=self.timers[index].completion_tokens)
                 self.timers[index].observe(out)
                 outputs.append((index, out))
         return outputs

@@ -11,22 +11,27 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any
 
 from service.api.generation import Serving
 from service.api.metrics import Metrics
-from service.engine.engine import Engine, EngineConfig
+from service.engine.engine import Engine, EngineConfig, EngineStats
 from service.engine.request import GenerationParams, GenerationRequest
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
+def engine_config(settings: Settings) -> EngineConfig:
+    """The EngineConfig fields that Settings has too (same name, same meaning); the rest keep their defaults."""
+    shared = [f.name for f in fields(EngineConfig) if f.name in Settings.model_fields]
+    return EngineConfig(**{name: getattr(settings, name) for name in shared})
+
+
 def load_engine(settings: Settings) -> Engine:
-    config = EngineConfig(max_batch_size=settings.max_batch_size, max_seq_len=settings.max_seq_len,
-                          max_prefill_tokens=settings.max_prefill_tokens, max_queue=settings.max_queue,
-                          cuda_graphs=settings.cuda_graphs, seed=settings.seed)
-    return Engine.from_checkpoint(str(settings.model), device=settings.device, dtype=settings.dtype, config=config)
+    return Engine.from_checkpoint(str(settings.model), device=settings.device, dtype=settings.dtype,
+                                  config=engine_config(settings))
 
 
 async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
@@ -64,7 +69,7 @@ class ServerState:
     def ready(self) -> bool:
         return self.status == "ready"
 
-    def engine_stats(self) -> dict[str, Any] | None:
+    def engine_stats(self) -> EngineStats | None:
         return self.serving.engine.stats if self.serving is not None else None
 
     def start(self) -> None:
@@ -88,8 +93,8 @@ class ServerState:
             return
         self.status = "ready"
         self._watchdog = asyncio.get_running_loop().create_task(self._watch(self.serving))
-        log.info("model %s ready in %.1fs: %s, %s on %s", self.serving.name, time.monotonic() - started,
-                 type(engine.checkpoint.model).__name__, engine.runner.dtype, engine.device)
+        log.info("model %s ready in %.1fs: %s parameters, %s on %s", self.serving.name, time.monotonic() - started,
+                 f"{engine.runner.num_parameters:,}", engine.runner.dtype, engine.device)
 
     @staticmethod
     async def _watch(serving: Serving, interval: float = 0.5) -> None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from service.engine.engine import EngineStats
 from service.engine.request import RequestOutput
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -25,17 +25,17 @@ TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.
 class _EngineCollector(Collector):
     """Gauges computed at scrape time from the engine's last step snapshot."""
 
-    def __init__(self, stats: Callable[[], dict[str, Any] | None], ready: Callable[[], bool]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats | None], ready: Callable[[], bool]) -> None:
         self.stats, self.ready = stats, ready
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        stats = self.stats() or {}
+        stats = self.stats() or EngineStats()  # no engine yet: all zero
         values = {
-            "lmserve_requests_running": ("requests holding a KV-cache row", stats.get("running", 0)),
-            "lmserve_requests_waiting": ("requests queued for a KV-cache row", stats.get("waiting", 0)),
-            "lmserve_kv_cache_usage_ratio": ("fraction of KV-cache slots in use", stats.get("cache_usage", 0.0)),
-            "lmserve_kv_cache_free_rows": ("KV-cache rows free for new requests", stats.get("free_rows", 0)),
-            "lmserve_kv_cache_rows": ("KV-cache rows in all (max batch size)", stats.get("max_batch_size", 0)),
+            "lmserve_requests_running": ("requests holding a KV-cache row", stats.running),
+            "lmserve_requests_waiting": ("requests queued for a KV-cache row", stats.waiting),
+            "lmserve_kv_cache_usage_ratio": ("fraction of KV-cache slots in use", stats.cache_usage),
+            "lmserve_kv_cache_free_rows": ("KV-cache rows free for new requests", stats.free_rows),
+            "lmserve_kv_cache_rows": ("KV-cache rows in all (max batch size)", stats.max_batch_size),
             "lmserve_ready": ("1 once the model is loaded and warmed up", int(self.ready())),
         }
         for name, (documentation, value) in values.items():
@@ -43,7 +43,7 @@ class _EngineCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, stats: Callable[[], dict[str, Any] | None], ready: Callable[[], bool]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats | None], ready: Callable[[], bool]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.prompt_tokens = Counter("lmserve_prompt_tokens", "prompt tokens of finished requests", registry=r)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request
@@ -26,11 +25,9 @@ from service.api.schemas import (
     TokenizeResponse,
 )
 from service.engine.engine import EngineError
-from service.engine.request import GenerationParams, RequestOutput, TokenLogprob
+from service.engine.request import RequestOutput, TokenLogprob
 
-log = logging.getLogger(__name__)
 router = APIRouter(tags=["lmserve"])
-NO_RENAMES: dict[str, str] = {}
 SSE_DOC = {"text/event-stream": {"example": 'data: {"index":0,"text":" n","token_id":299}\n\n'
                                             'data: {"index":0,"text":"","token_id":null,"finish_reason":"stop",'
                                             '"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}\n\n'
@@ -55,20 +52,10 @@ async def generate(request: Request, body: Annotated[GenerateRequest, Body(opena
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     check_count(len(texts), serving.settings.max_prompts)
     prompts = await serving.prompts(texts)
-    params = GenerationParams(
-        max_new_tokens=body.max_new_tokens, seed=body.seed, logprobs=body.logprobs, ignore_eos=body.ignore_eos,
-        stop=tuple([body.stop] if isinstance(body.stop, str) else body.stop or ()),
-        stop_token_ids=tuple(body.stop_token_ids), min_p=body.min_p, repetition_penalty=body.repetition_penalty,
-        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-        **{k: getattr(body, k) if k in body.model_fields_set else v for k, v in serving.defaults.items()})
-    explicit = "max_new_tokens" in body.model_fields_set
-    requests = [serving.request(p, params, explicit_max=explicit, names=NO_RENAMES,
-                                param=f"prompt[{i}]" if len(prompts) > 1 else "prompt")
-                for i, p in enumerate(prompts)]
-    generation = serving.generation(requests, [p.num_tokens for p in prompts])
+    generation = serving.generation(serving.requests(prompts, body), [p.num_tokens for p in prompts])
     await unless_disconnected(request, generation.start())
     if body.stream:
-        return EventStream(_events(serving, generation, request), on_close=generation.close)
+        return EventStream(_events(serving, generation, request), request, on_close=generation.close)
     results = await unless_disconnected(request, collect(generation))
     outputs = []
     for index, r in enumerate(results):
@@ -85,7 +72,7 @@ async def generate(request: Request, body: Annotated[GenerateRequest, Body(opena
                          "usage": usage(prompt_tokens, completion_tokens)})
 
 
-async def _events(serving: Serving, generation: Generation, request: Request) -> AsyncIterator[bytes]:
+async def _events(serving: Serving, generation: Generation, request: Request) -> AsyncGenerator[bytes, None]:
     totals = [0, 0]
     reasons: list[str | None] = [None] * len(generation.requests)
     try:
@@ -96,9 +83,6 @@ async def _events(serving: Serving, generation: Generation, request: Request) ->
                 totals[1] += out.completion_tokens
                 reasons[index] = out.finish_reason.value if out.finish_reason else None
         yield DONE
-    except Exception:  # a bug mid-stream: the status line is gone, so say it in the stream
-        log.exception("stream of request %s failed", request_id(request))
-        yield sse(error_body("internal server error", "internal_error"))
     finally:
         log_fields(request, prompt_tokens=totals[0], completion_tokens=totals[1], finish_reason=reasons,
                    stream=True, timed_out=generation.timed_out or None)

@@ -3,10 +3,8 @@ OpenAI's shapes, so the official `openai` client works unmodified."""
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import replace
+from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request
@@ -17,6 +15,7 @@ from service.api.errors import APIError, error_body
 from service.api.generation import Generation, Prompt, Serving, collect, log_fields, unless_disconnected, usage
 from service.api.schemas import (
     COMPLETION_EXAMPLES,
+    DEFAULT_MAX_TOKENS,
     ERROR_RESPONSES,
     CompletionRequest,
     CompletionResponse,
@@ -24,12 +23,10 @@ from service.api.schemas import (
     ModelCard,
     ModelList,
 )
-from service.engine.request import FinishReason, GenerationParams, TokenLogprob
+from service.engine.request import FinishReason, TokenLogprob
 
-log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
-RENAMES = {"max_new_tokens": "max_tokens"}
-DEFAULT_MAX_TOKENS = 16
+RENAMES = {"max_new_tokens": "max_tokens"}  # engine name -> OpenAI's
 
 
 def _card(serving: Serving) -> dict[str, Any]:
@@ -112,25 +109,13 @@ async def completions(request: Request,
     texts: list[Any] = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
     check_count(len(texts) * body.n, serving.settings.max_prompts)
     prompts = await serving.prompts(texts)
-    d = serving.defaults
-    params = GenerationParams(
-        max_new_tokens=body.max_tokens or DEFAULT_MAX_TOKENS, logprobs=body.logprobs, ignore_eos=body.ignore_eos,
-        temperature=d["temperature"] if body.temperature is None else body.temperature,
-        top_p=d["top_p"] if body.top_p is None else body.top_p, top_k=d["top_k"] if body.top_k is None else body.top_k,
-        min_p=body.min_p or 0.0, repetition_penalty=body.repetition_penalty or 1.0,
-        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-        stop=tuple([body.stop] if isinstance(body.stop, str) else body.stop or ()),
-        stop_token_ids=tuple(body.stop_token_ids or ()))
-    explicit = body.max_tokens is not None and "max_tokens" in body.model_fields_set
-    requests = [serving.request(prompt, replace(params, seed=None if body.seed is None else (body.seed + c) % 2**63),
-                                explicit_max=explicit, names=RENAMES,
-                                param=f"prompt[{i}]" if len(prompts) > 1 else "prompt")
-                for i, prompt in enumerate(prompts) for c in range(body.n)]
+    requests = serving.requests(prompts, body, names=RENAMES, defaults={"max_new_tokens": DEFAULT_MAX_TOKENS},
+                                choices=body.n)
     generation = serving.generation(requests, [p.num_tokens for p in prompts for _ in range(body.n)])
     await unless_disconnected(request, generation.start())
     reply = _Reply(serving, body, prompts, "cmpl-" + request_id(request))
     if body.stream:
-        return EventStream(reply.stream(generation, request), on_close=generation.close)
+        return EventStream(reply.stream(generation, request), request, on_close=generation.close)
     results = await unless_disconnected(request, collect(generation))
     choices = []
     for index, r in enumerate(results):
@@ -184,7 +169,7 @@ class _Reply:
     def include_usage(self) -> bool:
         return bool(self.body.stream_options and self.body.stream_options.include_usage)
 
-    async def stream(self, generation: Generation, request: Request) -> AsyncIterator[bytes]:
+    async def stream(self, generation: Generation, request: Request) -> AsyncGenerator[bytes, None]:
         completion_tokens = 0
         reasons: list[str | None] = [None] * len(generation.requests)
         try:
@@ -208,9 +193,6 @@ class _Reply:
             if self.include_usage:
                 yield sse({**self.head, "choices": [], "usage": usage(self.prompt_tokens, completion_tokens)})
             yield DONE
-        except Exception:  # a bug mid-stream: the status line is gone, so say it in the stream
-            log.exception("stream of request %s failed", self.head["id"])
-            yield sse(error_body("internal server error", "internal_error"))
         finally:
             log_fields(request, prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens, n=self.body.n,
                        finish_reason=reasons, stream=True, user=self.body.user,

@@ -1,24 +1,53 @@
 """Request and response bodies of the HTTP API, with their limits and the examples `/docs` shows.
 
-The native endpoints reject unknown fields (a typo such as `max_tokens` on /generate is a 400, not silently
-ignored); the OpenAI endpoint ignores them, as clients send vendor extensions freely. Responses are built as
-plain dicts (cheaper than validating every token); the response models here document them.
+The sampling fields, their limits, defaults and descriptions come from the engine's own declarations
+(SamplingParams and GenerationParams, see service/engine/limits.py), so the API and the engine always accept the
+same ranges. The native endpoints reject unknown fields (a typo such as `max_tokens` on /generate is a 400, not
+silently ignored); the OpenAI endpoint ignores them, as clients send vendor extensions freely. Responses are built
+as plain dicts (cheaper than validating every token); the response models here document them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Collection, Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from service.engine.request import MAX_STOP_STRINGS
-from service.engine.sampling import MAX_LOGPROBS
+from service.engine.limits import default_of, doc_of, limits_of, type_hints
+from service.engine.request import MAX_STOP_STRINGS, GenerationParams
+from service.engine.sampling import SamplingParams
 
 Stop = str | list[str] | None
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for max_tokens
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def engine_field(name: str, *, default: Any = dataclasses.MISSING, description: str | None = None) -> Any:
+    """A pydantic Field for the engine setting `name`: the limits, default and meaning GenerationParams declares,
+    unless this endpoint gives its own default or description."""
+    limits = limits_of(GenerationParams, name)
+    return Field(default_of(GenerationParams, name) if default is dataclasses.MISSING else default,
+                 description=description or doc_of(GenerationParams, name),
+                 **(limits.constraints() if limits is not None else {}))
+
+
+def sampling_fields(nullable: Collection[str] = (), descriptions: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """`create_model` definitions of every SamplingParams field. A `nullable` one also takes null, and defaults to
+    it: the server's default then applies (the checkpoint's, for temperature, top_k and top_p)."""
+    hints = type_hints(SamplingParams)
+    definitions = {}
+    for f in dataclasses.fields(SamplingParams):
+        description = (descriptions or {}).get(f.name)
+        if f.name in nullable:
+            definitions[f.name] = (hints[f.name] | None, engine_field(f.name, default=None, description=description))
+        else:
+            definitions[f.name] = (hints[f.name], engine_field(f.name, description=description))
+    return definitions
 
 
 class Usage(BaseModel):
@@ -29,26 +58,16 @@ class Usage(BaseModel):
 
 # ---- /generate ---------------------------------------------------------------------------------------------------
 
-class SamplingFields(Strict):
-    temperature: float = Field(1.0, ge=0, le=100, description="0 = greedy")
-    top_k: int = Field(0, ge=0, description="0 = off")
-    top_p: float = Field(1.0, gt=0, le=1, description="1 = off")
-    min_p: float = Field(0.0, ge=0, le=1, description="0 = off")
-    repetition_penalty: float = Field(1.0, gt=0, le=10, description="1 = off; over prompt and output tokens")
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    seed: int | None = Field(None, ge=0, lt=2**63, description="same seed, same settings: same tokens")
+SamplingFields = create_model("SamplingFields", __base__=Strict, **sampling_fields())
+
+
+class GenerateRequest(SamplingFields):  # type: ignore[misc, valid-type]
+    prompt: str | list[str] = Field(description="text to continue, or a list of them (a batch); for an "
+                                                "encoder-decoder model, the source text")
+    max_new_tokens: int = engine_field("max_new_tokens", description="left out: the default, cut to the context left")
     stop: Stop = Field(None, description=f"up to {MAX_STOP_STRINGS} strings; the output ends before the first one")
     stop_token_ids: list[int] = Field(default_factory=list, description="token ids that end the output")
     ignore_eos: bool = Field(False, description="keep going past the end-of-sequence token")
-
-
-class GenerateRequest(SamplingFields):
-    prompt: str | list[str] = Field(description="text to continue, or a list of them (a batch); for an "
-                                                "encoder-decoder model, the source text")
-    max_new_tokens: int = Field(128, ge=1, description="default: 128, cut to the context left")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
-                                 description="return each token's logprob and this many top alternatives")
     stream: bool = Field(False, description="Server-Sent Events, one per new piece of text")
 
 
@@ -161,32 +180,30 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
+# null is a valid value for these, as in OpenAI's API: the server's default then applies
+OpenAISamplingFields = create_model(
+    "OpenAISamplingFields", __config__=ConfigDict(extra="ignore"),
+    **sampling_fields(nullable=("temperature", "top_k", "top_p", "min_p", "repetition_penalty"),
+                      descriptions={"seed": "choice i of a prompt uses seed + i"}))
+
+
+class CompletionRequest(OpenAISamplingFields):  # type: ignore[misc, valid-type]
     """OpenAI's completions API. Also takes top_k, min_p, repetition_penalty, stop_token_ids and ignore_eos
     (as vLLM does); best_of (other than n), logit_bias and suffix are refused."""
 
-    model_config = ConfigDict(extra="ignore")
     model: str | None = Field(None, description="the served model's name (see /v1/models)")
     prompt: str | list[str] | list[int] | list[list[int]] = Field(description="text(s) or token ids")
-    max_tokens: int | None = Field(16, ge=1, description="default 16")
-    temperature: float | None = Field(None, ge=0, le=100, description="default 1")
-    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = engine_field("max_new_tokens", default=DEFAULT_MAX_TOKENS,
+                                          description=f"default {DEFAULT_MAX_TOKENS}")
     n: int = Field(1, ge=1, le=64, description="completions per prompt")
     stop: Stop = None
-    seed: int | None = Field(None, ge=0, lt=2**63, description="choice i of a prompt uses seed + i")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     best_of: int | None = None
     logit_bias: dict[str, float] | None = None
     suffix: str | None = None
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from service.api.deps import ServingDep
-from service.api.errors import APIError, unavailable
+from service.api.errors import APIError
 from service.api.lifecycle import ServerState
 from service.api.schemas import ErrorResponse
 from service.engine.request import MAX_STOP_STRINGS
@@ -54,14 +54,10 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/ready", summary="Readiness: 200 once the model is loaded and warmed up", responses={
     200: {"content": {"application/json": {"example": {"status": "ready"}}}}, **NOT_OK})
-async def ready(request: Request) -> JSONResponse:
-    """503 with Retry-After while the model loads or warms up, after it failed, or while shutting down."""
-    state = _state(request)
-    if state.ready and state.serving is not None and state.serving.engine.alive:
-        return JSONResponse({"status": "ready"})
-    if state.error:
-        raise unavailable(f"the model failed to load: {state.error}", code="load_failed", retry_after=30)
-    raise unavailable(f"the model is {state.status}", code="not_ready", retry_after=5)
+async def ready(_: ServingDep) -> JSONResponse:
+    """503 with Retry-After while the model loads or warms up, after it failed, once the engine died, or while
+    shutting down: exactly when the generation routes would answer 503."""
+    return JSONResponse({"status": "ready"})
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response, responses={
@@ -74,17 +70,22 @@ async def metrics(request: Request) -> Response:
 @router.get("/info", summary="The model, its config.json fields, and the server's limits", responses={
     200: {"content": {"application/json": {"example": {
         "model": "default", "path": "checkpoints/default", "parameters": 1234567, "dtype": "float32",
-        "device": "cpu", "cpu_kernels": True, "is_encoder_decoder": False,
+        "device": "cpu", "cpu_kernels": True,
+        "backend": {"prefill": "cpu-kernels", "decode": "cpu-decode-step", "decode_fallback_reason": None},
+        "is_encoder_decoder": False,
         "config": {"vocab_size": 1024, "hidden_size": 256},
         "limits": {"max_seq_len": 1024, "max_batch_size": 32}}}}}, **NOT_OK})
 async def info(serving: ServingDep) -> JSONResponse:
+    """`backend` says which compute path runs prefill and decode (and, when decode is not on the fastest path
+    this machine has, why)."""
     engine, settings = serving.engine, serving.settings
-    model = engine.checkpoint.model
     body: dict[str, Any] = {
-        "model": serving.name, "path": str(engine.checkpoint.path), "parameters": engine.runner.num_parameters,
+        "model": serving.name, "path": str(engine.checkpoint_path), "parameters": engine.runner.num_parameters,
         "dtype": str(engine.runner.dtype).removeprefix("torch."), "device": str(engine.device),
-        "cpu_kernels": engine.runner.cpu_kernels, "is_encoder_decoder": engine.is_encoder_decoder,
-        "config": model.config.to_dict(),
+        "cpu_kernels": engine.runner.cpu_kernels,
+        "backend": engine.runner.backend_info,
+        "is_encoder_decoder": engine.is_encoder_decoder,
+        "config": engine.model_config.to_dict(),
         "generation_defaults": serving.defaults,
         "limits": {"max_seq_len": serving.max_seq_len, "max_batch_size": engine.config.max_batch_size,
                    "max_queue": engine.config.max_queue, "max_prefill_tokens": engine.config.max_prefill_tokens,

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import torch
 
-from model.kv_cache import KVCache
+from model.kv_cache import CacheRows, KVCache
 from model.model import Transformer
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,9 @@ class CudaGraphDecoder:
         log.info("captured CUDA graphs for decode batch sizes %s", sorted(batch_sizes))
 
     def _forward(self, b: int) -> torch.Tensor:
-        return self.model(self.tokens[:b], self.positions[:b], cache=self.cache, logits_at=self.zeros[:b],
-                          kv_len=self.cache.max_seq_len)
+        # cache rows 0..b-1, attention over every slot (masked by position): the same shapes at every replay
+        return self.model(self.tokens[:b], self.positions[:b], CacheRows(self.cache, kv_len=self.cache.max_seq_len),
+                          logits_at=self.zeros[:b])
 
     def run(self, inputs: list[DecodeInput]) -> torch.Tensor:
         block = max(i.row for i in inputs) + 1

@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -28,15 +27,11 @@ from model.checkpoint import Checkpoint, load_checkpoint
 from model.tokenizer import IncrementalDetokenizer
 from service.backends.cpu.threads import release_cpu_threads
 from service.engine.device import default_dtype, resolve_device
-from service.engine.request import (
-    FinishReason,
-    GenerationRequest,
-    RequestOutput,
-    TokenLogprob,
-)
+from service.engine.inbox import Abort, Message, Probe, ProbeResult, Sink, Submit, Wake
+from service.engine.request import FinishReason, GenerationRequest, RequestOutput, TokenLogprob
 from service.engine.runner import DecodeInput, ModelRunner
 from service.engine.sampling import RowState, make_generator, sample, top_k_distribution
-from service.engine.scheduler import ScheduledSequence, Scheduler
+from service.engine.scheduler import ScheduledSequence, Scheduler, StepPlan
 from service.engine.stop import StopStringMatcher
 
 log = logging.getLogger(__name__)
@@ -57,16 +52,26 @@ class EngineConfig:
     max_prefill_tokens: int = 512  # prompt tokens per step; longer prompts are chunked
     max_queue: int = 256  # waiting requests beyond which submit raises QueueFull
     cuda_graphs: bool = True
-    cpu_kernels: bool = True  # float32 CPU models on our kernels (service/cpu_kernels.py) where they build
+    cpu_kernels: bool = True  # float32 CPU models on our kernels (service/backends/cpu/) where they build
     seed: int = 0  # for requests without their own seed
 
 
 @dataclass(frozen=True)
-class _Sink:
-    """Where a request's outputs go: its queue, on the event loop of the coroutine that submitted it."""
+class EngineStats:
+    """How full the engine is after its last step (read by /metrics without locking: the engine thread swaps in a
+    new snapshot, never mutates one)."""
 
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    running: int = 0  # requests holding a KV-cache row
+    waiting: int = 0  # requests queued for a row
+    free_rows: int = 0
+    max_batch_size: int = 0  # KV-cache rows in all
+    cache_usage: float = 0.0  # fraction of KV-cache slots in use
+
+    @classmethod
+    def of(cls, scheduler: Scheduler) -> EngineStats:
+        free = scheduler.free_rows
+        return cls(running=scheduler.max_batch_size - free, waiting=scheduler.num_waiting, free_rows=free,
+                   max_batch_size=scheduler.max_batch_size, cache_usage=scheduler.cache_usage)
 
 
 def _deliver(outputs: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
@@ -80,7 +85,7 @@ class _Active:
 
     request: GenerationRequest
     seq: ScheduledSequence
-    sink: _Sink
+    sink: Sink
     tokens: list[int]  # decoder tokens: prompt + generated
     row_state: RowState
     detok: IncrementalDetokenizer
@@ -93,13 +98,18 @@ class _Active:
 
 
 class Engine:
+    """Serves one checkpoint. The model goes to the runner, which runs a copy of its own (on CPU with repacked
+    weights); the engine keeps only the checkpoint's config, tokenizer, defaults and path, so that the original
+    weights are freed once the caller lets go of the checkpoint."""
+
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None) -> None:
-        self.checkpoint = checkpoint
         self.config = config or EngineConfig()
-        model_config = checkpoint.model.config
+        model_config = self.model_config = checkpoint.config
+        self.generation_config = checkpoint.generation  # the checkpoint's defaults (generation_config.json)
+        self.checkpoint_path = checkpoint.path
+        self.tokenizer = checkpoint.tokenizer
         self.max_seq_len = min(self.config.max_seq_len or model_config.max_position_embeddings,
                                model_config.max_position_embeddings)
-        self.tokenizer = checkpoint.tokenizer
         self.eos_id = checkpoint.generation.eos_token_id
         self.vocab_size = model_config.vocab_size
         self.is_encoder_decoder = model_config.is_encoder_decoder
@@ -110,7 +120,7 @@ class Engine:
         self.device = self.runner.device
         self.scheduler = Scheduler(self.config.max_batch_size, self.max_seq_len, self.config.max_prefill_tokens)
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._active: dict[str, _Active] = {}
         # outputs waiting for the end of the step, by the event loop they go to: (queue, output, request or None)
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput, _Active | None]]] = {}
@@ -118,7 +128,7 @@ class Engine:
         self._stopping = threading.Event()
         self._accepting = True
         self.dead_reason: str | None = None
-        self.stats: dict[str, Any] = self._snapshot()
+        self.stats = EngineStats.of(self.scheduler)
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto", dtype: str | None = None,
@@ -131,6 +141,7 @@ class Engine:
 
     def start(self) -> None:
         release_cpu_threads()  # the loader's idle OpenMP workers would slow every step of the engine thread
+        self.runner.release_unused_memory()  # the loaded model's row-major weights, now that nothing holds them
         self._thread = threading.Thread(target=self._run, name="lmserve-engine", daemon=True)
         self._thread.start()
 
@@ -142,10 +153,10 @@ class Engine:
         """Stops taking requests, lets in-flight ones finish for up to grace_seconds, aborts the rest."""
         self._accepting = False
         deadline = time.monotonic() + grace_seconds
-        while self.stats["running"] + self.stats["waiting"] > 0 and time.monotonic() < deadline and self.alive:
+        while self.stats.running + self.stats.waiting > 0 and time.monotonic() < deadline and self.alive:
             time.sleep(0.01)
         self._stopping.set()
-        self._inbox.put(("wake",))
+        self._inbox.put(Wake())
         if self._thread is not None:
             self._thread.join(timeout=10)
 
@@ -174,11 +185,11 @@ class Engine:
         self.check(request)
         if not self._accepting or not self.alive:
             raise EngineError(self.dead_reason or "the engine is not accepting requests")
-        if self.stats["waiting"] + self._inbox.qsize() >= self.config.max_queue:
+        if self.stats.waiting + self._inbox.qsize() >= self.config.max_queue:
             raise QueueFull(f"the waiting queue is full ({self.config.max_queue} requests)")
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._inbox.put(("add", request, _Sink(loop, outputs)))
+        self._inbox.put(Submit(request, Sink(loop, outputs)))
         finished = False
         try:
             while True:
@@ -192,21 +203,21 @@ class Engine:
                 self.abort(request.request_id)
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        self._inbox.put(Abort(request_id))
 
     async def next_token_probs(self, prompts: list[list[int]], top_k: int, temperature: float,
-                               sources: list[list[int]] | None = None) -> list[dict[str, Any]]:
+                               sources: list[list[int]] | None = None) -> ProbeResult:
         """Top-k next tokens (id, text, prob, logprob) and the full distribution's entropy, for each prompt,
         from one batched forward in the engine thread."""
         if not self.alive:
             raise EngineError(self.dead_reason or "the engine is not running")
         loop = asyncio.get_running_loop()
-        future: asyncio.Future = loop.create_future()
+        future: asyncio.Future[ProbeResult] = loop.create_future()
 
-        def reply(result: Any) -> None:
+        def reply(result: ProbeResult | Exception) -> None:
             setter = future.set_exception if isinstance(result, Exception) else future.set_result
             loop.call_soon_threadsafe(lambda: future.done() or setter(result))
-        self._inbox.put(("probe", prompts, sources, top_k, temperature, reply))
+        self._inbox.put(Probe(prompts, sources, top_k, temperature, reply))
         return await future
 
     # ---- the engine thread ---------------------------------------------------------------------------
@@ -221,7 +232,7 @@ class Engine:
                     self._flush()
                     if not self.scheduler.has_work:
                         release_cpu_threads()  # idle: leave the cores' OpenMP threads to whoever computes next
-                self.stats = self._snapshot()
+                self.stats = EngineStats.of(self.scheduler)
         except Exception as e:  # a bug outside any one request: report it on /health
             log.exception("engine thread died")
             self.dead_reason = f"engine thread died: {e!r}"
@@ -231,57 +242,56 @@ class Engine:
                 self._finish(active, reason, error=self.dead_reason)
             self._refuse_inbox(reason)
             self._flush()
-            self.stats = self._snapshot()
+            self.stats = EngineStats.of(self.scheduler)
 
     def _refuse_inbox(self, reason: FinishReason) -> None:
         """Answers whatever is still queued once the thread stops, so no caller waits forever."""
-        message = self.dead_reason or "the engine stopped"
+        error = self.dead_reason or "the engine stopped"
         while True:
             try:
-                item = self._inbox.get_nowait()
+                message = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if item[0] == "add":
-                request, sink = item[1], item[2]
-                self._post(sink, RequestOutput(request.request_id, "", [], None, len(request.prompt_ids), 0, True,
-                                               reason, message))
-            elif item[0] == "probe":
-                item[-1](EngineError(message))
-
-    def _snapshot(self) -> dict[str, Any]:
-        s = self.scheduler
-        return {"running": s.max_batch_size - s.free_rows, "waiting": s.num_waiting, "free_rows": s.free_rows,
-                "max_batch_size": s.max_batch_size, "cache_usage": s.cache_usage}
+            if isinstance(message, Submit):
+                self._post(message.sink, RequestOutput.ended(message.request, reason, error))
+            elif isinstance(message, Probe):
+                message.reply(EngineError(error))
 
     def _drain_inbox(self, block: bool) -> None:
         try:
-            item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+            message = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
         while True:
-            kind = item[0]
-            if kind == "add":
-                self._add(*item[1:])
-            elif kind == "abort":
-                if item[1] in self._active:
-                    self._finish(self._active[item[1]], FinishReason.ABORT)
-            elif kind == "probe":
-                self._probe(*item[1:])
+            self._handle(message)
             try:
-                item = self._inbox.get_nowait()
+                message = self._inbox.get_nowait()
             except queue.Empty:
                 return
 
-    def _add(self, request: GenerationRequest, sink: _Sink) -> None:
+    def _handle(self, message: Message) -> None:
+        match message:
+            case Submit(request, sink):
+                self._add(request, sink)
+            case Abort(request_id):
+                if request_id in self._active:
+                    self._finish(self._active[request_id], FinishReason.ABORT)
+            case Probe():
+                self._probe(message)
+            case Wake():
+                pass
+            case _:  # a bug in whoever sent it; the engine thread dies of it and /health says why
+                raise TypeError(f"not an engine message: {message!r}")
+
+    def _add(self, request: GenerationRequest, sink: Sink) -> None:
         params = request.params
         seq = ScheduledSequence(request.request_id, len(request.prompt_ids), params.max_new_tokens)
         try:
             self.scheduler.add(seq)
         except ValueError as e:
-            self._post(sink, RequestOutput(request.request_id, "", [], None, len(request.prompt_ids), 0, True,
-                                           FinishReason.ERROR, str(e)))
+            self._post(sink, RequestOutput.ended(request, FinishReason.ERROR, str(e)))
             return
-        row_state = RowState(params.sampling, make_generator(params.seed, self.device), request.prompt_ids, [])
+        row_state = RowState(params, make_generator(params.seed, self.device), request.prompt_ids, [])
         active = _Active(request, seq, sink, list(request.prompt_ids), row_state,
                          IncrementalDetokenizer(self.tokenizer), StopStringMatcher(params.stop))
         active.row_state.output_ids = active.output_ids
@@ -297,7 +307,7 @@ class Engine:
                 if seq.request_id in self._active:
                     self._finish(self._active[seq.request_id], FinishReason.ERROR, error=f"internal error: {e!r}")
 
-    def _step(self, plan) -> None:
+    def _step(self, plan: StepPlan) -> None:
         runner = self.runner
         runner.move_rows(plan.moves)
         if self.is_encoder_decoder:
@@ -341,8 +351,9 @@ class Engine:
         elif len(active.output_ids) >= params.max_new_tokens:
             self._finish(active, FinishReason.LENGTH, text, [token], logprobs)
         else:
-            self._emit(active, RequestOutput(active.request_id, text, [token], logprobs,
-                                             len(active.request.prompt_ids), len(active.output_ids)))
+            self._emit(active, RequestOutput(request_id=active.request_id, text=text, token_ids=[token],
+                                             logprobs=logprobs, prompt_tokens=len(active.request.prompt_ids),
+                                             completion_tokens=len(active.output_ids)))
 
     def _finish(self, active: _Active, reason: FinishReason, text: str = "", token_ids: list[int] | None = None,
                 logprobs: list[TokenLogprob] | None = None, error: str | None = None, flush: bool = True) -> None:
@@ -353,19 +364,20 @@ class Engine:
             text += tail + ("" if stopped else active.stops.flush())
         if logprobs is None and active.request.params.logprobs is not None:
             logprobs = []
-        self._emit(active, RequestOutput(active.request_id, text, token_ids or [], logprobs,
-                                         len(active.request.prompt_ids), len(active.output_ids), True, reason, error))
+        self._emit(active, RequestOutput(request_id=active.request_id, text=text, token_ids=token_ids or [],
+                                         logprobs=logprobs, prompt_tokens=len(active.request.prompt_ids),
+                                         completion_tokens=len(active.output_ids), finished=True,
+                                         finish_reason=reason, error=error))
 
     def _emit(self, active: _Active, output: RequestOutput) -> None:
         self._post(active.sink, output, active)
 
-    def _post(self, sink: _Sink, output: RequestOutput, active: _Active | None = None) -> None:
+    def _post(self, sink: Sink, output: RequestOutput, active: _Active | None = None) -> None:
         self._outbox.setdefault(sink.loop, []).append((sink.queue, output, active))
 
     def _flush(self) -> None:
         """Hands each event loop the outputs posted since the last flush in one call: one wake-up of its thread
-        per step, not one per token (a cross-thread call writes to a socket: 2048 of them, ~40 us each, took 88 ms
-        of a 6 s bench round of 32 streams)."""
+        per step, not one per token, as every cross-thread call writes to the loop's wake-up socket."""
         outbox, self._outbox = self._outbox, {}
         for loop, posted in outbox.items():
             try:
@@ -376,10 +388,11 @@ class Engine:
                         self.scheduler.finish(active.request_id)
                         del self._active[active.request_id]
 
-    def _probe(self, prompts, sources, top_k, temperature, reply) -> None:
+    def _probe(self, probe: Probe) -> None:
+        prompts, reply = probe.prompts, probe.reply
         try:
-            logits = self.runner.last_token_logits(prompts, sources)
-            ids, probs, logprobs, entropy = top_k_distribution(logits, top_k, temperature)
+            logits = self.runner.last_token_logits(prompts, probe.sources)
+            ids, probs, logprobs, entropy = top_k_distribution(logits, probe.top_k, probe.temperature)
             results = []
             for row in range(len(prompts)):
                 tokens = [{"id": i, "text": self.tokenizer.token_text(i), "prob": p, "logprob": lp}

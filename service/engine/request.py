@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from enum import Enum
 
+from service.engine.limits import Limits, setting
 from service.engine.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 16
@@ -19,37 +20,21 @@ class FinishReason(str, Enum):
     ERROR = "error"  # the engine failed this request (others go on)
 
 
-@dataclass(frozen=True)
-class GenerationParams:
-    """Per-request settings: how many tokens, when to stop, and how to choose each token."""
+@dataclass(frozen=True, kw_only=True)
+class GenerationParams(SamplingParams):
+    """Per-request settings: how to choose each token (SamplingParams), how many tokens, and when to stop."""
 
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
+    max_new_tokens: int = setting(128, Limits(ge=1))
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    logprobs: int | None = None
 
-    @property
-    def sampling(self) -> SamplingParams:
-        names = {f.name for f in fields(SamplingParams)}
-        return SamplingParams(**{n: getattr(self, n) for n in names})
-
-    def validate(self, vocab_size: int) -> None:
-        """Raises ValueError naming the offending field."""
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        self.sampling.validate()
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raises ValueError naming the offending field; stop_token_ids are checked once vocab_size is known."""
+        super().validate()
         if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LENGTH for s in self.stop):
             raise ValueError(f"stop: at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_LENGTH} chars")
-        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+        bad = [] if vocab_size is None else [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"stop_token_ids: {bad[0]} is not a token id (vocabulary size {vocab_size})")
 
@@ -69,16 +54,24 @@ class TokenLogprob:
     top: list[tuple[int, float]] | None = None  # top-N alternatives (token id, logprob), best first
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RequestOutput:
     """One streamed update: the text and tokens new since the previous update."""
 
     request_id: str
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob] | None
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # None unless the request asked for logprobs
     prompt_tokens: int
     completion_tokens: int  # total so far
     finished: bool = False
     finish_reason: FinishReason | None = None
     error: str | None = None
+
+    @classmethod
+    def ended(cls, request: GenerationRequest, reason: FinishReason, error: str | None = None,
+              completion_tokens: int = 0) -> RequestOutput:
+        """The last output of a request that ends without another token (refused, failed, engine gone)."""
+        return cls(request_id=request.request_id, logprobs=[] if request.params.logprobs is not None else None,
+                   prompt_tokens=len(request.prompt_ids), completion_tokens=completion_tokens, finished=True,
+                   finish_reason=reason, error=error)

@@ -3,10 +3,12 @@
 One step = row moves (cache compaction), the prefill chunks in one forward pass (back to back, no padding: each
 token attends over its own sequence's cache row), then one decode forward over cache rows 0..m, where m is the
 highest decoding row: rows in that block that are not decoding this step (still prefilling) ride along as
-padding (position -1), so decode never gathers cache rows. On CUDA the decode forward is captured as CUDA graphs
-for a few bucketed batch sizes and replayed; on CPU float32 models run on our own kernels
-(service/backends/cpu/), and decode steps of decoder-only pre-norm models run as one call into the kernels
-(service/backends/cpu/decode_step.py).
+padding (position -1), so decode never gathers cache rows.
+
+Which code runs each pass is the backends' call (`backend_info`, logged at start): on CUDA the decode forward is
+captured as CUDA graphs for a few bucketed batch sizes and replayed; on CPU float32 models run on a copy built
+for our kernels (service/backends/cpu/), and the decode steps of the models `decode_step_support` accepts run as
+one call into them. Everything else runs the model's PyTorch forward pass.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
-from model.kv_cache import KVCache
-from model.model import Ragged, Transformer
+from model.kv_cache import CacheRows, KVCache, Ragged
+from model.model import Source, Transformer
 from service.backends.cpu import pages
-from service.backends.cpu.decode_step import CpuDecodeStep
-from service.backends.cpu.layers import CacheWriter, use_cpu_kernels
-from service.backends.cpu.library import kernels
+from service.backends.cpu.decode_step import CpuDecodeStep, decode_step_support
+from service.backends.cpu.layers import KernelKVCache, release_free_memory
+from service.backends.cpu.transformer import kernels_for, on_kernels
 from service.backends.cuda_graphs import CudaGraphDecoder
+from service.backends.shared import shared_copy
 from service.engine.scheduler import PrefillChunk
 
 log = logging.getLogger(__name__)
@@ -40,25 +43,45 @@ class DecodeInput:
 class ModelRunner:
     def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, max_source_len: int | None = None,
                  cuda_graphs: bool = True, cpu_kernels: bool = True) -> None:
-        self.model = model.eval()
-        self.device = model.device
-        self.dtype = model.embed_tokens.weight.dtype
-        self.config = model.config
-        self.num_parameters = model.num_parameters()  # before the CPU kernels repack (and release) the weights
-        self.cpu_kernels = bool(cpu_kernels and use_cpu_kernels(model))
-        if self.cpu_kernels:
-            log.info("linear layers (packed, q/k/v fused), activations, decode attention and KV writes "
-                     "on lmserve's CPU kernels")
+        self.device, self.dtype, self.config = model.device, model.embed_tokens.weight.dtype, model.config
+        self.num_parameters = model.num_parameters()
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
-        self.cache = KVCache(self.config, max_batch_size, max_seq_len, device=self.device, dtype=self.dtype,
-                             max_source_len=max_source_len, zeros=pages.zeros if self.device.type == "cpu" else None)
+        cache_args = (self.config, max_batch_size, max_seq_len)
+        cache_options = dict(device=self.device, dtype=self.dtype, max_source_len=max_source_len)
+        library, why = None, None  # why: what keeps decoding off its fastest path
+        if self.device.type == "cpu":
+            library, why = kernels_for(self.dtype, self.device) if cpu_kernels else (None, "CPU kernels switched off")
+        self.cpu_kernels = library is not None
         self.cpu_decode: CpuDecodeStep | None = None
-        if self.cpu_kernels:
-            self.cache.write_rows = CacheWriter(kernels())
-            self.cpu_decode = CpuDecodeStep.build(model, self.cache, kernels())
         self.graphs: CudaGraphDecoder | None = None
-        if cuda_graphs and self.device.type == "cuda":
-            self.graphs = CudaGraphDecoder(model, self.cache, [b for b in GRAPH_BATCH_SIZES if b <= max_batch_size])
+        # the runner runs a copy of `model` of its own (sharing its tensors, or with the kernels' packed weights)
+        # and leaves `model` as it was
+        if library is not None:
+            self.model: Transformer = on_kernels(model, library)
+            self.cache: KVCache = KernelKVCache(library, *cache_args, **cache_options)
+            covered, why = decode_step_support(self.config, self.dtype, self.device)
+            if covered:
+                self.cpu_decode = CpuDecodeStep(self.model, self.cache, library)
+        else:
+            self.model = shared_copy(model).eval()
+            zeros = pages.zeros if self.device.type == "cpu" else None
+            self.cache = KVCache(*cache_args, **cache_options, zeros=zeros)
+        if self.device.type == "cuda" and cuda_graphs:
+            sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_batch_size]
+            self.graphs = CudaGraphDecoder(self.model, self.cache, sizes)
+        elif self.device.type == "cuda":
+            why = "CUDA graphs switched off"
+        prefill = "cpu-kernels" if self.cpu_kernels else "pytorch"
+        decode = "cpu-decode-step" if self.cpu_decode else "cuda-graphs" if self.graphs else prefill
+        self.backend_info: dict[str, str | None] = {"prefill": prefill, "decode": decode,
+                                                    "decode_fallback_reason": why}
+        log.info("prompt passes on %s, decode steps on %s%s", prefill, decode, f" ({why})" if why else "")
+
+    def release_unused_memory(self) -> None:
+        """Hands the memory of weights nobody holds any more back to the OS (glibc keeps freed heap memory counted as
+        resident): once whoever loaded the model has let go of it, the packed copy is the only one."""
+        if self.cpu_kernels:
+            release_free_memory()
 
     def tensor(self, data: list) -> torch.Tensor:
         return torch.tensor(data, dtype=torch.long, device=self.device)
@@ -97,10 +120,9 @@ class ModelRunner:
             return {}
         ids = [t for c in chunks for t in token_ids[c.seq.request_id][c.start:c.end]]
         positions = [p for c in chunks for p in range(c.start, c.end)]
-        ragged = Ragged(lengths=[c.end - c.start for c in chunks], rows=[c.seq.row for c in chunks],
+        ragged = Ragged(self.cache, lengths=[c.end - c.start for c in chunks], rows=[c.seq.row for c in chunks],
                         ends=[c.end for c in chunks])
-        logits = self.model(self.tensor(ids)[None], self.tensor(positions)[None], cache=self.cache,
-                            ragged=ragged)  # (S, V)
+        logits = self.model(self.tensor(ids)[None], self.tensor(positions)[None], ragged)  # (S, V)
         return {c.seq.request_id: logits[i] for i, c in enumerate(chunks) if c.completes_prompt}
 
     @torch.inference_mode()
@@ -117,9 +139,9 @@ class ModelRunner:
             if self.cpu_decode is not None:
                 logits = self.cpu_decode(tokens, positions)
             else:
-                logits = self.model(self.tensor(tokens)[:, None], self.tensor(positions)[:, None], cache=self.cache,
-                                    logits_at=torch.zeros(block, dtype=torch.long, device=self.device),
-                                    kv_len=max(positions) + 1)  # (block, V)
+                logits = self.model(self.tensor(tokens)[:, None], self.tensor(positions)[:, None],
+                                    CacheRows(self.cache, kv_len=max(positions) + 1),
+                                    logits_at=torch.zeros(block, dtype=torch.long, device=self.device))  # (block, V)
         rows = [i.row for i in inputs]
         if rows == list(range(len(rows))):  # the usual case: a view, no gather
             return logits[:len(rows)]
@@ -135,12 +157,12 @@ class ModelRunner:
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = torch.tensor(p)
             positions[i, :len(p)] = torch.arange(len(p))
-        kwargs = {}
+        source = None
         if sources is not None:
             longest = max(len(s) for s in sources)
             src = torch.zeros(len(sources), longest, dtype=torch.long)
             for i, s in enumerate(sources):
                 src[i, :len(s)] = torch.tensor(s)
-            kwargs = dict(source_ids=src.to(self.device), source_lengths=self.tensor([len(s) for s in sources]))
+            source = Source(src.to(self.device), self.tensor([len(s) for s in sources]))
         return self.model(ids.to(self.device), positions.to(self.device),
-                          logits_at=self.tensor([len(p) - 1 for p in prompts]), **kwargs)
+                          logits_at=self.tensor([len(p) - 1 for p in prompts]), source=source)

@@ -32,7 +32,7 @@ def tokenizer() -> Tokenizer:
 
 
 def make_checkpoint(directory: Path, variant: str = "llama-gqa", max_positions: int = 1024) -> Path:
-    """A tiny random checkpoint: small enough that a long generation is ~1 ms per token on one CPU thread."""
+    """A tiny random checkpoint: small enough that the tests' long generations stay quick on one CPU thread."""
     tok = tokenizer()
     model = make_model(variant, vocab_size=tok.vocab_size, max_position_embeddings=max_positions)
     return save_checkpoint(directory, model, tok)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from model.config import ModelConfig
-from model.kv_cache import KVCache
-from model.model import Ragged, Transformer
+from model.kv_cache import CacheRows, KVCache, Ragged
+from model.model import Source, Transformer
 
 VOCAB = 97
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, intermediate_size=96,
@@ -44,14 +44,19 @@ def make_model(variant: str, seed: int = 0, **overrides):
     return model
 
 
-def source_for(model, batch: int, length: int = 9, seed: int = 1):
-    """(memory, lengths) for encoder-decoder models, (None, None) otherwise."""
+def source_for(model, batch: int, length: int = 9, seed: int = 1) -> Source | None:
+    """An encoded random source (memory and lengths) for encoder-decoder models, None for the others."""
     if not model.config.is_encoder_decoder:
-        return None, None
+        return None
     g = torch.Generator().manual_seed(seed)
     src = torch.randint(3, VOCAB, (batch, length), generator=g)
     lengths = torch.full((batch,), length)
-    return model.encode(src, lengths), lengths
+    return Source(lengths=lengths, memory=model.encode(src, lengths))
+
+
+def source_row(source: Source | None, row: int) -> Source | None:
+    """One row of a batch's source."""
+    return None if source is None else Source(lengths=source.lengths[row:row + 1], memory=source.memory[row:row + 1])
 
 
 def check_ragged_pass(model) -> None:
@@ -61,27 +66,28 @@ def check_ragged_pass(model) -> None:
     g = torch.Generator().manual_seed(5)
     seqs = [torch.randint(0, VOCAB, (n,), generator=g) for n in (7, 1, 12, 9)]
     rows, cached = [3, 0, 2, 1], [0, 0, 5, 8]  # cache row of each; tokens of it cached by an earlier pass
-    memory, lengths = source_for(model, len(seqs))
+    source = source_for(model, len(seqs))
 
     def cache_with_prefixes() -> KVCache:
         cache = KVCache(model.config, batch_size=4, max_seq_len=16, max_source_len=9)
-        if memory is not None:
-            model.write_cross_cache(cache, torch.tensor(rows), memory, lengths)
+        if source is not None:
+            model.write_cross_cache(cache, torch.tensor(rows), source.memory, source.lengths)
         for seq, row, c in zip(seqs, rows, cached):
             if c:
-                model(seq[:c][None], torch.arange(c)[None], cache=cache, cache_rows=torch.tensor([row]),
+                model(seq[:c][None], torch.arange(c)[None], CacheRows(cache, torch.tensor([row])),
                       logits_at=torch.tensor([c - 1]))
         return cache
 
     together = cache_with_prefixes()
-    ragged = Ragged(lengths=[len(s) - c for s, c in zip(seqs, cached)], rows=rows, ends=[len(s) for s in seqs])
+    ragged = Ragged(together, lengths=[len(s) - c for s, c in zip(seqs, cached)], rows=rows,
+                    ends=[len(s) for s in seqs])
     ids = torch.cat([s[c:] for s, c in zip(seqs, cached)])[None]  # (1, 7 + 1 + 7 + 1)
     positions = torch.cat([torch.arange(c, len(s)) for s, c in zip(seqs, cached)])[None]
-    logits = model(ids, positions, cache=together, ragged=ragged)
+    logits = model(ids, positions, ragged)
     assert logits.shape == (len(seqs), VOCAB)
     alone = cache_with_prefixes()
     for i, (seq, row, c) in enumerate(zip(seqs, rows, cached)):
-        expected = model(seq[c:][None], torch.arange(c, len(seq))[None], cache=alone, cache_rows=torch.tensor([row]),
+        expected = model(seq[c:][None], torch.arange(c, len(seq))[None], CacheRows(alone, torch.tensor([row])),
                          logits_at=torch.tensor([len(seq) - c - 1]))[0]
         assert (logits[i] - expected).abs().max() <= 1e-5
         n = len(seq)

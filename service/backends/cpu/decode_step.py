@@ -1,15 +1,16 @@
-"""The CPU decode step as one call into our kernels (service/kernels/decode_step.c).
+"""The CPU decode step as one call into our kernels (kernels/decode_step.c).
 
-A decode step of a small model on a CPU lasts as long as its weights take to stream from memory (~13 ms for
-GPT-2 small here). Going through the model's modules adds ~2.5 ms of Python to that (module calls, views,
-temporaries: ~15 operations per layer), and even a list of kernel calls on preallocated buffers adds ~1 ms
-(~100 ctypes calls, each starting a parallel region). `CpuDecodeStep` describes the model once, in C structs of
-pointers to its packed weights, norms, embeddings and KV cache, and each step is then one call: the embedding,
-every layer, the final norm and the output layer in one OpenMP parallel region, with the same kernels in the same
-order as the model's own forward pass on them, so its logits and KV cache are bit-identical to that
-(tests/test_cpu_decode.py). It serves decoder-only, pre-norm float32 models whose layers `use_cpu_kernels`
-swapped; `CpuDecodeStep.build` returns None for anything else, and the runner then decodes with the model's
-forward pass. CUDA's counterpart is the runner's CUDA-graph decoder.
+A decode step of a small model on a CPU lasts about as long as its weights take to stream from memory. Going
+through the model's modules adds Python to every layer (module calls, views, temporaries), and even a list of
+kernel calls on preallocated buffers adds a ctypes call and a parallel region to start per stage.
+`CpuDecodeStep` describes the model once, in C structs of pointers to its packed weights, norms, embeddings and
+KV cache (abi.py mirrors them), and each step is then one call: the embedding, every layer, the final norm and
+the output layer in one OpenMP parallel region, with the same kernels in the same order as the model's own
+forward pass on them, so its logits and KV cache are bit-identical to that (tests/test_cpu_decode.py).
+
+decode_step.c is thus a second copy of the forward pass, for the models `decode_step_support` accepts; the
+runner decodes every other model with the forward pass (on the kernel layers where they apply). CUDA's
+counterpart is the CUDA-graph decoder (service/backends/cuda_graphs.py).
 """
 
 from __future__ import annotations
@@ -18,44 +19,38 @@ import ctypes
 
 import torch
 
+from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.model import Transformer
-from service.backends.cpu.layers import HEADS_AT_ONCE, KernelLinear, KernelNorm
-from service.backends.cpu.library import ACTIVATIONS, CpuKernels
-
-_int64, _float, _int32, _pointer = ctypes.c_int64, ctypes.c_float, ctypes.c_int32, ctypes.c_void_p
+from service.backends.cpu.abi import ACTIVATIONS, HEADS_AT_ONCE, StepLayer, StepModel
+from service.backends.cpu.library import CpuKernels
 
 
-class StepLayer(ctypes.Structure):
-    """decode_step.c's StepLayer: one layer's norms, packed weights, biases and KV cache."""
-
-    _fields_ = [(name, _pointer) for name in (
-        "attn_norm_weight", "attn_norm_bias", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm_weight", "mlp_norm_bias",
-        "gate", "gate_bias", "up", "up_bias", "down", "down_bias", "k_cache", "v_cache")]
-
-
-class StepModel(ctypes.Structure):
-    """decode_step.c's StepModel: the sizes, the model's other weights, the layers and the work buffers."""
-
-    _fields_ = ([(name, _int64) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate",
-                                             "vocab", "sink_slot", "kv_stride_b", "kv_stride_h", "kv_stride_s")]
-                + [("norm_eps", _float), ("attn_scale", _float), ("embed_scale", _float), ("rms", _int32),
-                   ("act", _int32)]
-                + [(name, _pointer) for name in ("token_embedding", "position_embedding", "rope", "norm_weight",
-                                                 "norm_bias", "lm_head", "lm_head_bias")]
-                + [("layer", ctypes.POINTER(StepLayer))]
-                + [(name, _pointer) for name in ("x", "mid", "h", "qkv", "attn", "ff", "gated", "packed", "mask")])
+def decode_step_support(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> tuple[bool, str | None]:
+    """Whether decode_step.c computes this model's decode step, and if not, why. It implements decoder-only,
+    pre-norm float32 models on the CPU: learned, sinusoidal or rotary positions (scaled embeddings or not),
+    LayerNorm or RMSNorm, GELU (tanh form), ReLU or SwiGLU feed-forwards, grouped-query attention, biases or none,
+    tied or untied output layers."""
+    if device.type != "cpu" or dtype != torch.float32:
+        name = str(dtype).removeprefix("torch.")
+        return False, f"the C decode step runs float32 on the CPU, not {name} on {device.type}"
+    if config.is_encoder_decoder:
+        return False, "the C decode step has no cross-attention (an encoder-decoder model)"
+    if config.norm_position != "pre":
+        return False, "the C decode step is pre-norm only (a post-norm model)"
+    if config.activation not in ACTIVATIONS:
+        return False, f"the C decode step has no {config.activation!r} activation"
+    return True, None
 
 
 def _pointer_to(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _norms_alike(norms: list) -> bool:
-    return all(isinstance(n, KernelNorm) for n in norms) and len({(n.rms, n.eps) for n in norms}) == 1
-
-
 class CpuDecodeStep:
+    """The decode step of a model `decode_step_support` accepts, as `on_kernels` made it (packed, fused q/k/v,
+    kernel norms), over its KV cache."""
+
     def __init__(self, model: Transformer, cache: KVCache, kernels: CpuKernels) -> None:
         c, final_norm = model.config, model.norm
         rows, width = cache.batch_size, (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
@@ -87,23 +82,6 @@ class CpuDecodeStep:
                                final_norm.bias, model.lm_head.packed, model.lm_head.bias)),
             self.layers, *map(_pointer_to, (*self.buffers.values(), self.mask)))
         self.address = ctypes.addressof(self.model)
-
-    @classmethod
-    def build(cls, model: Transformer, cache: KVCache, kernels: CpuKernels) -> CpuDecodeStep | None:
-        """The decode step for `model` (its layers already on the CPU kernels), or None where it doesn't apply."""
-        c = model.config
-        if (c.is_encoder_decoder or c.norm_position != "pre" or c.activation not in ACTIVATIONS
-                or cache.k.dtype != torch.float32 or not isinstance(model.lm_head, KernelLinear)
-                or model.embed_tokens.weight.dtype != torch.float32):
-            return None
-        norms = [model.norm] + [n for block in model.layers for n in (block.attn_norm, block.mlp_norm)]
-        linears = [linear for block in model.layers for linear in (
-            block.self_attn.qkv_proj, block.self_attn.o_proj, block.mlp.up_proj, block.mlp.down_proj)]
-        gates = [block.mlp.gate_proj for block in model.layers]
-        if not (_norms_alike(norms) and all(isinstance(linear, KernelLinear) for linear in linears)
-                and all(isinstance(g, KernelLinear) if c.activation == "swiglu" else g is None for g in gates)):
-            return None
-        return cls(model, cache, kernels)
 
     def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each of cache rows 0..B-1 (position -1: a row along as padding); returns (B, V) logits."""

@@ -1,5 +1,5 @@
-"""PyTorch modules over our float32 CPU kernels: packed linear layers, norms, the feed-forward activation,
-one-query attention, KV-cache writes and argmax.
+"""Modules over our float32 CPU kernels: packed linear layers, norms, the feed-forward activation, one-query
+attention, a KV cache whose writes run on the kernel, and argmax.
 
 Decoding multiplies a few rows of activations (one per sequence) by every weight matrix, once per token, so its
 speed is how fast the weights stream from memory; prompts multiply hundreds of rows, and their speed is
@@ -22,12 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.model import Attention, FeedForward, RMSNorm
+from model.kv_cache import KVCache
+from model.model import RMSNorm
 from service.backends.cpu import pages
-from service.backends.cpu.library import ACTIVATIONS, CpuKernels, kernels
-
-PANEL = 16  # outputs per packed panel (the kernel's PANEL)
-HEADS_AT_ONCE = 4  # heads attended side by side (cpu.h's HEADS_AT_ONCE): 4 rows of scores per thread
+from service.backends.cpu.abi import ACTIVATIONS, HEADS_AT_ONCE, PANEL
+from service.backends.cpu.library import CpuKernels, kernels, loaded
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -46,16 +45,20 @@ def unpack(packed: torch.Tensor, out: int) -> torch.Tensor:
 
 
 class KernelLinear(nn.Module):
-    """`nn.Linear` for inference on the CPU kernel. The weight lives only in packed form (the `packed` buffer);
-    `weight` unpacks a copy for whoever asks (a layer cast or moved after the swap computes with it). The bias
-    stays the original parameter. A tied output layer packs its own copy of the embedding table, which the
-    embedding keeps."""
+    """`nn.Linear` for inference on the CPU kernel, or several side by side (their outputs concatenated: one pass
+    over the input and one longer stream of weights, each output the same sum as in its own layer). The weight
+    lives only in packed form (the `packed` buffer); `weight` unpacks a copy for whoever asks (a layer cast or
+    moved after packing computes with it). A single layer's bias stays its original parameter."""
 
-    def __init__(self, linear: nn.Linear, kernels: CpuKernels) -> None:
+    def __init__(self, linear: nn.Linear | list[nn.Linear], kernels: CpuKernels) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("packed", pack(linear.weight), persistent=False)
-        self.bias = linear.bias
+        parts = linear if isinstance(linear, list) else [linear]
+        self.in_features, self.out_features = parts[0].in_features, sum(p.out_features for p in parts)
+        weight = parts[0].weight if len(parts) == 1 else torch.cat([p.weight.detach() for p in parts])
+        self.register_buffer("packed", pack(weight), persistent=False)
+        self.bias = parts[0].bias
+        if len(parts) > 1 and self.bias is not None:
+            self.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
         self.kernels = kernels
 
     @property
@@ -63,9 +66,9 @@ class KernelLinear(nn.Module):
         return unpack(self.packed, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed, bias = self.packed, self.bias  # (a module's attribute lookups cost a microsecond each)
+        packed, bias = self.packed, self.bias  # (a module's attribute lookups add up over a pass)
         if not (x.dtype is packed.dtype is torch.float32 and x.is_cpu and packed.is_cpu):
-            return F.linear(x, self.weight, bias)  # the model was moved or cast after the swap
+            return F.linear(x, self.weight, bias)  # cast or moved after packing
         rows = x.reshape(-1, self.in_features).contiguous()  # (N, in)
         n = rows.shape[0]
         y = torch.empty(n, self.out_features)  # (N, out)
@@ -81,8 +84,8 @@ class KernelLinear(nn.Module):
 
 
 class Activation:
-    """The feed-forward activation on the CPU kernel, in one vectorized pass: GELU's tanh form (3-5x faster than
-    PyTorch's here), SwiGLU's SiLU or ReLU. Other dtypes, layouts or devices go to PyTorch."""
+    """The feed-forward activation on the CPU kernel, in one vectorized pass: GELU's tanh form, SwiGLU's SiLU or
+    ReLU. Other dtypes, layouts or devices go to PyTorch."""
 
     def __init__(self, kernels: CpuKernels, activation: str, fallback: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.kernels, self.kind, self.fallback = kernels, ACTIVATIONS[activation], fallback
@@ -96,8 +99,8 @@ class Activation:
 
 
 class KernelNorm(nn.Module):
-    """`nn.LayerNorm` or `RMSNorm` on the CPU kernel: the decode step (service/cpu_decode.py) calls the same
-    kernel, so prompt passes and decode steps normalise identically. Other dtypes or devices go to PyTorch."""
+    """`nn.LayerNorm` or `RMSNorm` on the CPU kernel: the decode step (decode_step.py) calls the same kernel, so
+    prompt passes and decode steps normalise identically. Other dtypes or devices go to PyTorch."""
 
     def __init__(self, norm: nn.LayerNorm | RMSNorm, kernels: CpuKernels) -> None:
         super().__init__()
@@ -145,44 +148,38 @@ class DecodeAttention:
         return y
 
 
-class CacheWriter:
-    """`KVCache.write_rows` on the CPU kernel: a pass's keys and values k, v (B, Hkv, T, D), any strides with
-    contiguous rows, into rows `index` (B*Hkv*T,) of a layer's caches viewed as (rows, D). Returns False (the
-    cache then uses index_put_) for dtypes, devices or layouts it doesn't take."""
+class KernelKVCache(KVCache):
+    """A KV cache on 2 MiB pages (pages.py) whose writes (a pass's keys and values into their slots) run on the
+    kernel: one row copy per head and token. Other dtypes or layouts go to `KVCache.write`'s index_put_."""
 
-    def __init__(self, kernels: CpuKernels) -> None:
+    def __init__(self, kernels: CpuKernels, *args, **kwargs) -> None:
+        super().__init__(*args, zeros=pages.zeros, **kwargs)
         self.kernels = kernels
 
-    def __call__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, index: torch.Tensor, k: torch.Tensor,
-                 v: torch.Tensor) -> bool:
-        if not (k.dtype is v.dtype is k_cache.dtype is v_cache.dtype is torch.float32 and k_cache.is_cpu and k.is_cpu
-                and k_cache.is_contiguous() and v_cache.is_contiguous() and k.stride(-1) == v.stride(-1) == 1
-                and index.dtype is torch.long and index.is_contiguous() and k.shape == v.shape):
-            return False
+    def write(self, layer: int, write_index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Writes k, v (B, Hkv, T, D) (any strides with contiguous rows) at `write_index` (B*Hkv*T,)."""
+        k_cache, v_cache = self.k[layer], self.v[layer]  # (rows, Hkv, S+1, D), contiguous
+        if not (k.dtype is v.dtype is k_cache.dtype is torch.float32 and k.is_cpu and k_cache.is_cpu
+                and k.stride(-1) == v.stride(-1) == 1 and write_index.dtype is torch.long
+                and write_index.is_contiguous() and k.shape == v.shape):
+            return super().write(layer, write_index, k, v)
         B, H, T, D = k.shape
-        self.kernels.write_kv(k_cache.data_ptr(), v_cache.data_ptr(), index.data_ptr(), k.data_ptr(), v.data_ptr(),
-                              B, H, T, D, *k.stride()[:3], *v.stride()[:3])
-        return True
+        self.kernels.write_kv(k_cache.data_ptr(), v_cache.data_ptr(), write_index.data_ptr(), k.data_ptr(),
+                              v.data_ptr(), B, H, T, D, *k.stride()[:3], *v.stride()[:3])
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """`x.argmax(dim=-1)` of a (B, V) tensor (the same indices: the first largest, NaN as the largest), on the
     kernel for float32 CPU tensors once the process has loaded the kernels (an engine on them has; this never
-    builds them). Greedy sampling takes one per row of logits every step: 16 us for GPT-2's 50257 against PyTorch's
-    59, 0.18 ms for 32 rows against 1.85."""
-    loaded = kernels.cache_info().currsize > 0
-    library = kernels() if loaded and x.dtype is torch.float32 and x.is_cpu and x.dim() == 2 and x.shape[1] else None
+    builds them). Greedy sampling takes one per row of logits every step."""
+    ready = loaded.cache_info().currsize > 0
+    library = kernels() if ready and x.dtype is torch.float32 and x.is_cpu and x.dim() == 2 and x.shape[1] else None
     if library is None or x.shape[1] >= 2**31:
         return x.argmax(dim=-1)
     x = x.contiguous()
     out = torch.empty(x.shape[0], dtype=torch.long)
     library.argmax(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), torch.get_num_threads())
     return out
-
-
-def applicable(model: nn.Module) -> bool:
-    weight = next(model.parameters())
-    return weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
 def release_free_memory() -> None:
@@ -193,54 +190,3 @@ def release_free_memory() -> None:
     except (AttributeError, OSError, TypeError):  # not glibc
         return
     trim(0)
-
-
-def fuse_qkv(attention: Attention, library: CpuKernels) -> None:
-    """Self-attention's q, k and v projections as one kernel layer: one pass over the activations and one longer
-    stream of weights instead of three (at one decoding sequence the three 768x768 matrices of GPT-2 small stream
-    at ~0.86 of a plain memory pass, a 2304-row one at ~1.0). Each output is the same sum as before."""
-    parts = (attention.q_proj, attention.k_proj, attention.v_proj)
-    if attention.cross or not all(type(p) is nn.Linear and p.weight.is_contiguous() for p in parts) or len(
-            {p.bias is None for p in parts}) != 1:
-        return
-    fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None,
-                      device="meta")
-    fused.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]), requires_grad=False)
-    if fused.bias is not None:
-        fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
-    attention.qkv_proj = KernelLinear(fused, library)
-    attention.q_proj = attention.k_proj = attention.v_proj = None  # released: the fused layer holds them
-
-
-def use_cpu_kernels(model: nn.Module, library: CpuKernels | None = None) -> int:
-    """Swaps every `nn.Linear` of a float32 CPU Transformer for a `KernelLinear` (its weight repacked, the
-    original released: inference only, and `state_dict` no longer holds the linear weights; self-attention's
-    q, k and v fused into one), its norms for `KernelNorm`s, its feed-forward activation (tanh-GELU, SiLU or
-    ReLU) for an `Activation`, and gives it
-    the decode attention kernel; returns how many linear layers run on the kernel (counting those swapped by an
-    earlier call), 0 where the kernels are unavailable."""
-    library = library or kernels()
-    if library is None or not applicable(model):
-        return 0
-    count = 0
-    for attention in [m for m in model.modules() if isinstance(m, Attention)]:
-        fuse_qkv(attention, library)
-    # the parents only: holding every module would keep each original weight alive until the end
-    parents = [m for m in model.modules() if any(isinstance(c, (nn.Linear, KernelLinear)) or swappable_norm(c)
-                                                 for c in m.children())]
-    for module in parents:
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear and child.weight.is_contiguous():
-                child = KernelLinear(child, library)
-                setattr(module, name, child)
-            elif swappable_norm(child):
-                setattr(module, name, KernelNorm(child, library))
-            count += isinstance(child, KernelLinear)
-    activation = getattr(getattr(model, "config", None), "activation", None)
-    if activation in ACTIVATIONS:
-        for module in model.modules():
-            if isinstance(module, FeedForward) and not isinstance(module.act, Activation):
-                module.act = Activation(library, activation, module.act)
-    model.decode_attention = DecodeAttention(library)
-    release_free_memory()
-    return count

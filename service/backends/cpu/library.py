@@ -1,8 +1,9 @@
 """Builds and loads lmserve's CPU kernels (kernels/*.c) with the system C compiler on first use.
 
 The compiled library is cached under `$LMSERVE_KERNEL_DIR` (default `~/.cache/lmserve/kernels`), named by a
-hash of the sources and flags. Where it cannot be built or run (no compiler, no AVX2, not x86-64), `kernels()`
-is None, a log line says so, and the engine runs on PyTorch.
+hash of the sources and flags. Where it cannot be built or run (no compiler, no AVX2, not x86-64), or it
+disagrees with Python's mirror of its constants and structs (abi.py), `kernels()` is None, a log line says why,
+and the engine runs on PyTorch.
 
     python -m service.backends.cpu.library    # build now (the Docker image does)
 """
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from service.backends.cpu import abi
+
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name("kernels") / name
@@ -38,7 +41,10 @@ _SIGNATURES = {
     "lmserve_decode_step_f32": [_pointer] * 3 + [_int64] * 2 + [_pointer] * 2 + [ctypes.c_int],
     "lmserve_argmax_f32": [_pointer] + [_int64] * 2 + [_pointer, ctypes.c_int],
 }
-ACTIVATIONS = {"gelu_tanh": 1, "swiglu": 2, "relu": 3}  # ModelConfig.activation -> the kernels' ACT_ kind
+
+
+class Unavailable(Exception):
+    """Why the kernels can't run here."""
 
 
 def kernel_dir() -> Path:
@@ -90,11 +96,23 @@ class CpuKernels:
         return self
 
 
-def load(directory: Path, compiler: str | None = None) -> CpuKernels | None:
-    """The kernels from `directory`, built there if missing; None (with a log line) where they can't be."""
-    if not cpu_supported():
-        log.info("CPU kernels: need an x86-64 CPU with AVX2; using PyTorch's")
-        return None
+def check_abi(library: ctypes.CDLL) -> None:
+    """Raises Unavailable unless the library's constants and struct layouts are those Python mirrors."""
+    report = library.lmserve_abi
+    report.argtypes, report.restype = [_pointer, _int64], _int64
+    want = abi.expected()
+    values = (_int64 * len(want))()
+    count = report(values, len(want))
+    for (name, expected), got in zip(want.items(), values[:count]):
+        if got != expected:
+            raise Unavailable(f"the library's {name} is {got}, Python's mirror (service/backends/cpu/abi.py) "
+                              f"has {expected}")
+    if count != len(want):
+        raise Unavailable(f"the library reports {count} ABI values, Python's mirror (abi.py) knows {len(want)}")
+
+
+def open_kernels(directory: Path, compiler: str | None = None) -> CpuKernels:
+    """The kernels from `directory`, built there if missing; raises Unavailable where they can't be."""
     try:
         path = directory / library_name()
         if not path.exists():
@@ -102,17 +120,40 @@ def load(directory: Path, compiler: str | None = None) -> CpuKernels | None:
             log.info("CPU kernels: built %s", path)
         library = ctypes.CDLL(str(path))  # torch has loaded libgomp already: the kernels share its threads
     except (OSError, RuntimeError) as e:
-        log.warning("CPU kernels unavailable (%s); using PyTorch's", e)
-        return None
+        raise Unavailable(str(e)) from e
+    check_abi(library)
     for name, argtypes in _SIGNATURES.items():
         function = getattr(library, name)
         function.argtypes, function.restype = argtypes, None
     return CpuKernels(*(getattr(library, name) for name in _SIGNATURES))
 
 
+def load(directory: Path, compiler: str | None = None) -> CpuKernels | None:
+    """The kernels from `directory`, built there if missing; None (with a log line) where they can't be."""
+    library = _load(directory, compiler)
+    return library if isinstance(library, CpuKernels) else None
+
+
+def _load(directory: Path, compiler: str | None = None) -> CpuKernels | str:
+    if not cpu_supported():
+        log.info("CPU kernels: need an x86-64 CPU with AVX2; using PyTorch's")
+        return "they need an x86-64 CPU with AVX2"
+    try:
+        return open_kernels(directory, compiler)
+    except Unavailable as e:
+        log.warning("CPU kernels unavailable (%s); using PyTorch's", e)
+        return str(e)
+
+
 @functools.cache
+def loaded() -> CpuKernels | str:
+    """The process's kernels, loaded (built if need be) on first use; where they can't be, why not."""
+    return _load(kernel_dir())
+
+
 def kernels() -> CpuKernels | None:
-    return load(kernel_dir())
+    library = loaded()
+    return library if isinstance(library, CpuKernels) else None
 
 
 if __name__ == "__main__":

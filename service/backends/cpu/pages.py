@@ -1,9 +1,9 @@
 """Big CPU tensors on 2 MiB pages.
 
-A CPU decode step reads every weight matrix and the whole KV cache from memory: for GPT-2 small at 32 sequences,
-~650 MB a step, ~160 000 pages of 4 KiB, far more than the TLB holds (Zen 3: 2048 entries), so most pages cost a
-page-table walk and the hardware prefetchers stop at every page boundary. On 2 MiB pages the same bytes are
-~330 pages. `zeros` asks Linux for them (transparent huge pages in `madvise` mode, the common default, give them
+A CPU decode step reads every weight matrix and the whole KV cache from memory: hundreds of megabytes a step for
+a model of GPT-2 small's size, on 4 KiB pages far more pages than the TLB holds, so most pages cost a page-table
+walk and the hardware prefetchers stop at every page boundary. On 2 MiB pages the same bytes are 512 times fewer
+pages. `zeros` asks Linux for them (transparent huge pages in `madvise` mode, the common default, give them
 only to memory that asks); where the kernel has none to give, or on another OS, the memory is ordinary pages.
 Only whole 2 MiB pages are advised, so the resident memory stays that of `torch.zeros`
 (docs/performance.md has the measurements).

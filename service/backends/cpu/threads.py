@@ -19,10 +19,9 @@ def _openmp() -> ctypes.CDLL | None:
 def release_cpu_threads() -> None:
     """Frees the calling thread's OpenMP worker threads (`omp_pause_resource_all`); its next parallel region makes
     new ones. libgomp keeps a pool per thread that ever ran a parallel region, and once the pools hold more
-    threads than there are cores, every worker sleeps between regions instead of spinning: each of the ~70
-    parallel regions of a decode step then pays a wake-up (GPT-2 small on 2 cores: 28 ms a step in the engine
-    thread instead of 19). So the thread that loaded the model lets go of its pool when the engine starts, and the
-    engine thread of its own whenever it runs out of work."""
+    threads than there are cores, every worker sleeps between regions instead of spinning: each of the many
+    parallel regions of a decode step then pays a wake-up. So the thread that loaded the model lets go of its pool
+    when the engine starts, and the engine thread of its own whenever it runs out of work."""
     library = _openmp()
     if library is not None:
         library.omp_pause_resource_all(2)  # omp_pause_hard

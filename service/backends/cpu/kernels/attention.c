@@ -1,14 +1,13 @@
 /* lmserve's decode attention and KV-cache writes (float32, AVX2 + FMA, OpenMP); built with cpu.c.
  *
  * lmserve_decode_attention_f32: one query per (sequence, head) against that sequence's cached keys and values,
- * read once, in place in the KV cache. A decode step's attention reads the whole cache from memory (32 sequences
- * of ~64 tokens of GPT-2 small: ~150 MB a step), so what counts is how many streams are in flight: a sequence's
- * heads are taken HEADS_AT_ONCE at a time, side by side (their key rows, then their value rows, interleaved),
- * which reads at 21-23 GB/s where one head at a time read at 17 (0.78-0.82x the time). Each head's numbers are
- * exactly those of attending to it alone.
+ * read once, in place in the KV cache. A decode step's attention reads the whole cache from memory, so what
+ * counts is how many streams are in flight: a sequence's heads are taken HEADS_AT_ONCE at a time, side by side
+ * (their key rows, then their value rows, interleaved), which reads faster than one head at a time. Each head's
+ * numbers are exactly those of attending to it alone.
  *
  * lmserve_write_kv_f32: a pass's new keys and values into their KV-cache slots (a row copy per head and token,
- * where PyTorch's index_put_ spends ~20 us per call on indexing).
+ * where PyTorch's index_put_ spends most of its time on indexing).
  */
 #include <math.h>
 #include <omp.h>

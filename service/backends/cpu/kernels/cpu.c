@@ -1,4 +1,4 @@
-/* lmserve's float32 CPU kernels (AVX2 + FMA, OpenMP), loaded by service/cpu_kernels.py.
+/* lmserve's float32 CPU kernels (AVX2 + FMA, OpenMP), loaded by service/backends/cpu/library.py.
  *
  * lmserve_linear_f32: y = x @ w^T + bias on weights packed once, at load time, into k-major panels of 16
  * outputs: panel p holds w[16p .. 16p+15][k] for every k as 16 consecutive floats (rows past `out` are zeros).
@@ -7,8 +7,8 @@
  *   2 weight vectors + 1 broadcast = 15 of the 16 AVX registers), the inner dimension in blocks of 256 so a
  *   block of a panel (16 KiB) stays in L1 for every tile, up to 192 rows per pass over the weights so they
  *   stay in L2, the next block prefetched into L2 a share per tile while a block's tiles compute. The
- *   activations are first copied tile by tile in the order the tiles read them (one stream per tile, not one
- *   per row: 0.95x the time at 32 rows), and the inner loop is unrolled 4 times (0.91x at 128 rows). The rows
+ *   activations are first copied tile by tile in the order the tiles read them (one memory stream per tile, not
+ *   one per row), and the inner loop is unrolled 4 times. The rows
  *   are split into tiles of near-equal height (32 rows: 6+6+5+5+5+5, not 6x5+2).
  * - 1 to 3 rows (a few decoding sequences, where the speed is how fast the weights stream from memory): 4, 3 or
  *   2 panels at a time over the whole inner dimension, for 8-12 independent accumulator chains reading that
@@ -28,7 +28,7 @@
  * Each exported kernel is one OpenMP parallel region around a *_team function (cpu.h), which decode_step.c
  * chains into a whole decode step in one region.
  *
- * Built by service/cpu_kernels.py:
+ * Built by service/backends/cpu/library.py:
  *     cc -O3 -mavx2 -mfma -ffp-contract=off -fopenmp -shared -fPIC cpu.c attention.c decode_step.c
  */
 #include <immintrin.h>
@@ -77,7 +77,6 @@ static inline __m256 activate8(__m256 x, int act) {
 
 /* ---- linear layers on packed weights -------------------------------------------------------------------- */
 
-#define PANEL 16      /* outputs per panel: two vectors of accumulators per activation row */
 #define TILE_ROWS 6   /* most activation rows per micro-tile */
 #define K_BLOCK 256   /* inner-dimension block: 16 KiB of a panel, in L1 */
 #define ROW_BLOCK 192 /* activation rows per pass over the weights: 192 KiB per K_BLOCK, in L2 */
@@ -111,7 +110,7 @@ static inline void store_panel(float *y, __m256 a0, __m256 a1, const float *bias
 
 /* y = residual + act(y) * mul over a tile of `rows` rows x `cols` (<= 16) outputs, in place; y, mul and residual
  * point at the tile's first element, rows `stride` apart. Not inlined, so that its constants and pointers take
- * no registers from the tiles' accumulators (which would spill: 2.3x slower at 32 rows). */
+ * no registers from the tiles' accumulators (which would spill). */
 static __attribute__((noinline)) void finish_tile(float *y, const Epilogue *e, int64_t offset, int64_t stride,
                                                   int rows, int cols) {
     __m256i mask[2];
@@ -209,7 +208,7 @@ static void pack_rows(const float *x, float *xp, int64_t rows, int64_t in) {
 }
 
 /* 1 to 3 activation rows (R), G panels at a time over the whole inner dimension: G memory streams per core,
- * where one stream (a single panel tile) reads 10-25% slower. */
+ * where one stream (a single panel tile) reads slower. */
 static void few_rows(const float *x, const float *w, const float *bias, const Epilogue *e, float *y, int64_t in,
                      int64_t out, const int R, const int G) {
     const int64_t panels = (out + PANEL - 1) / PANEL, groups = (panels + G - 1) / G;
@@ -240,8 +239,8 @@ void linear_team(const float *x, const float *w, const float *bias, const Epilog
         const int64_t m1 = m0 + ROW_BLOCK < rows ? m0 + ROW_BLOCK : rows;
         /* while a block's tiles compute, they pull the block this thread multiplies next (the next 16 KiB of
          * weights: the same panel's next K block, or the next panel's first) into L2, each tile its share of the
-         * lines: spread over the tiles, 0.93-0.98x the time at 32 rows of the first tile prefetching it all (a
-         * prefetch past the end of the weights is harmless) */
+         * lines: spread over the tiles, not all on the first (a prefetch past the end of the weights is
+         * harmless) */
         const int64_t tiles = (m1 - m0 + TILE_ROWS - 1) / TILE_ROWS, share = (K_BLOCK + tiles - 1) / tiles;
 #pragma omp for schedule(static) nowait
         for (int64_t p = 0; p < panels; p++) {
@@ -286,8 +285,7 @@ void lmserve_linear_f32(const float *x, const float *w, const float *bias, float
 
 /* ---- activations and norms ------------------------------------------------------------------------------- */
 
-/* y = act(x) over n floats (act an ACT_ kind). One pass where PyTorch's tanh-GELU takes several (2-6 ns per
- * float on our EPYC). */
+/* y = act(x) over n floats (act an ACT_ kind). One pass where PyTorch's tanh-GELU takes several. */
 void lmserve_activation_f32(const float *x, float *y, int64_t n, int act, int threads) {
     const int64_t vectors = n / 8;
 #pragma omp parallel for schedule(static) num_threads(threads) if (n >= 32768)

@@ -14,7 +14,10 @@ static inline __m128 lane_sums(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
     return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
+/* What Python mirrors (service/backends/cpu/abi.py) and checks through lmserve_abi when it loads the library */
 enum { ACT_NONE = 0, ACT_GELU_TANH = 1, ACT_SILU = 2, ACT_RELU = 3 };
+#define PANEL 16        /* outputs per packed weight panel: two vectors of accumulators per activation row */
+#define HEADS_AT_ONCE 4 /* heads of a sequence that attention reads side by side */
 
 /* What a linear layer may do with its outputs (sum + bias) before they leave: activation, * mul, + residual.
  * mul and residual are (rows, out) like y, or NULL. */
@@ -30,8 +33,6 @@ void linear_team(const float *x, const float *w, const float *bias, const Epilog
 /* LayerNorm / RMSNorm of each row, as lmserve_norm_f32 */
 void norm_team(const float *x, const float *weight, const float *bias, float *y, int64_t rows, int64_t dim, float eps,
                int rms);
-
-#define HEADS_AT_ONCE 4 /* heads of a sequence that attention reads side by side (cpu_kernels.py: the same) */
 
 /* one query per (sequence, head) against the KV cache, as lmserve_decode_attention_f32; `scores`: this thread's
  * HEADS_AT_ONCE * S floats */

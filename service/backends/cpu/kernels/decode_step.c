@@ -6,12 +6,14 @@
  *     mid = x + (a Wo + b); h = norm(mid); f = act(h Wup + b) [* silu(h Wgate + b)]; x = mid + (f Wdown + b)
  *
  * then the final norm and the output layer, each stage split over the team and ended by a barrier (cpu.h). From
- * Python the same stages would be ~100 calls a step, each a ctypes call (~5 us) and a parallel region to start;
- * the kernels and the order of every sum are those of the model's own forward pass on the kernels, so the
- * logits and the KV cache are bit-identical to it (tests/test_cpu_decode.py). service/cpu_decode.py fills the
- * structs below.
+ * Python the same stages would be a hundred or so calls a step, each a ctypes call and a parallel region to
+ * start; the kernels and the order of every sum are those of the model's own forward pass on the kernels, so
+ * the logits and the KV cache are bit-identical to it (tests/test_cpu_decode.py). This is a second copy of the
+ * forward pass: service/backends/cpu/decode_step.py says which models it covers (decode_step_support) and fills
+ * the structs below, whose layout lmserve_abi reports.
  */
 #include <omp.h>
+#include <stddef.h>
 #include <string.h>
 
 #include "cpu.h"
@@ -91,4 +93,20 @@ void lmserve_decode_step_f32(const StepModel *m, const int64_t *tokens, const in
         norm_team(x, m->norm_weight, m->norm_bias, h, B, C, m->norm_eps, m->rms);
         linear_team(h, m->lm_head, m->lm_head_bias, 0, logits, B, C, m->vocab, m->packed);
     }
+}
+
+/* What Python's mirror (service/backends/cpu/abi.py: expected()) must match, in its order: the constants, the
+ * structs' sizes and the offsets where their fields change type or purpose. Writes up to `capacity` values into
+ * out; returns how many there are. */
+int64_t lmserve_abi(int64_t *out, int64_t capacity) {
+    const int64_t abi[] = {
+        PANEL, HEADS_AT_ONCE, ACT_GELU_TANH, ACT_SILU, ACT_RELU,
+        sizeof(StepLayer), offsetof(StepLayer, k_cache),
+        sizeof(StepModel), offsetof(StepModel, sink_slot), offsetof(StepModel, norm_eps), offsetof(StepModel, rms),
+        offsetof(StepModel, token_embedding), offsetof(StepModel, layer), offsetof(StepModel, x),
+        offsetof(StepModel, mask),
+    };
+    const int64_t count = (int64_t)(sizeof abi / sizeof abi[0]);
+    for (int64_t i = 0; i < count && i < capacity; i++) out[i] = abi[i];
+    return count;
 }
