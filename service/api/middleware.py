@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/", "/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc",
                         "/openapi.json"})
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others: label "other"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -72,7 +73,8 @@ class AccessLog:
         finally:
             route = scope.get("route")
             route_path = getattr(route, "path", None) or "unmatched"
-            self.metrics.http_requests.labels(scope["method"], route_path, str(status or 499)).inc()
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"  # clients make methods up
+            self.metrics.http_requests.labels(method, route_path, str(status or 499)).inc()
             record: dict[str, Any] = {"event": "request", "id": request_id, "method": scope["method"],
                                       "path": scope["path"], "status": status or 499,
                                       "latency_ms": round((time.monotonic() - start) * 1000, 1)}

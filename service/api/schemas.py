@@ -13,18 +13,44 @@ import dataclasses
 from collections.abc import Collection, Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from service.engine.limits import default_of, doc_of, limits_of, type_hints
 from service.engine.request import MAX_STOP_STRINGS, GenerationParams
-from service.engine.sampling import SamplingParams
+from service.engine.sampling import MIN_TEMPERATURE, SamplingParams
 
 Stop = str | list[str] | None
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for max_tokens
 
 
-class Strict(BaseModel):
+class RequestBody(BaseModel):
+    """What every request body shares: its text is valid Unicode. JSON can carry a lone surrogate ("\\ud800"),
+    which no tokenizer or UTF-8 encoder takes: a 400 naming the field, not an error deep inside."""
+
+    @field_validator("*")
+    @classmethod
+    def _valid_text(cls, value: Any) -> Any:
+        pending = [value]
+        while pending:
+            item = pending.pop()
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
+            elif isinstance(item, (list, tuple)):
+                pending.extend(item)
+            elif isinstance(item, dict):
+                pending.extend((*item.keys(), *item.values()))
+        return value
+
+
+class Strict(RequestBody):
     model_config = ConfigDict(extra="forbid")
+
+
+class Lenient(RequestBody):
+    model_config = ConfigDict(extra="ignore")
 
 
 def engine_field(name: str, *, default: Any = dataclasses.MISSING, description: str | None = None) -> Any:
@@ -115,7 +141,8 @@ class NextTokenProbsRequest(Strict):
     prompt: str | list[str] = Field(description="text, or a list of texts; for an encoder-decoder model, the "
                                                 "source text")
     top_k: int = Field(10, ge=1, description="how many tokens to return, 1..vocab size")
-    temperature: float = Field(1.0, gt=0, le=100, description="softmax temperature, > 0")
+    temperature: float = Field(1.0, gt=0, le=100, description=f"softmax temperature, > 0; below {MIN_TEMPERATURE} "
+                               f"computed at {MIN_TEMPERATURE} (the greedy, one-hot distribution)")
     decoder_prefix: str | list[str] | None = Field(None, description="encoder-decoder models only: the output "
                                                                      "so far (one, or one per prompt)")
 
@@ -182,7 +209,7 @@ class StreamOptions(BaseModel):
 
 # null is a valid value for these, as in OpenAI's API: the server's default then applies
 OpenAISamplingFields = create_model(
-    "OpenAISamplingFields", __config__=ConfigDict(extra="ignore"),
+    "OpenAISamplingFields", __base__=Lenient,
     **sampling_fields(nullable=("temperature", "top_k", "top_p", "min_p", "repetition_penalty"),
                       descriptions={"seed": "choice i of a prompt uses seed + i"}))
 

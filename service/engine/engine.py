@@ -329,11 +329,23 @@ class Engine:
             return
         # (R, V): decode-only steps (the usual ones) already have it in one tensor
         logits = decoded if len(ready) == len(plan.decode) else torch.stack([logits for _, logits in ready])
-        result = sample(logits, [a.row_state for a, _ in ready], self.generator)
-        for i, (active, _) in enumerate(ready):
-            token, logprob = result.token_ids[i], result.logprobs[i]  # logprob: None unless the request asked
-            top = result.top_logprobs[i]
-            self._accept(active, token, None if logprob is None else TokenLogprob(token, logprob, top))
+        actives = [active for active, _ in ready]
+        try:
+            sampled = [(actives, sample(logits, [a.row_state for a in actives], self.generator))]
+        except Exception:  # one request's settings broke the batch: sample each alone, failing only that one
+            log.exception("sampling a batch of %d failed; sampling each request alone", len(actives))
+            sampled = []
+            for i, active in enumerate(actives):
+                try:
+                    sampled.append(([active], sample(logits[i:i + 1], [active.row_state], self.generator)))
+                except Exception as e:
+                    log.exception("sampling request %s failed", active.request_id)
+                    self._finish(active, FinishReason.ERROR, error=f"internal error: {e!r}")
+        for group, result in sampled:
+            for i, active in enumerate(group):
+                token, logprob = result.token_ids[i], result.logprobs[i]  # logprob: None unless the request asked
+                top = result.top_logprobs[i]
+                self._accept(active, token, None if logprob is None else TokenLogprob(token, logprob, top))
 
     def _accept(self, active: _Active, token: int, logprob: TokenLogprob | None) -> None:
         """Adds a sampled token to its request: stop checks, detokenization, streaming."""

@@ -33,7 +33,7 @@ class SamplingParams:
     the API's request schemas are built from these declarations)."""
 
     temperature: float = setting(1.0, Limits(ge=0, le=100), "0 = greedy")
-    top_k: int = setting(0, Limits(ge=0), "0 = off")
+    top_k: int = setting(0, Limits(ge=0, lt=2**63), "0 = off; above the vocabulary size: off")
     top_p: float = setting(1.0, Limits(gt=0, le=1), "1 = off")
     min_p: float = setting(0.0, Limits(ge=0, le=1), "0 = off; keeps tokens with prob >= min_p * the top prob")
     repetition_penalty: float = setting(1.0, Limits(gt=0, le=10), "1 = off; over prompt and output tokens")
@@ -266,6 +266,7 @@ def top_k_distribution(logits: torch.Tensor, k: int,
         raise ValueError(f"k must be in [1, {vocab}], got {k}")
     if not temperature > 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = max(temperature, MIN_TEMPERATURE)  # below it logits / T overflow: the distribution is one-hot
     logprobs = log_probs(logits, temperature)  # (B, V) fp32
     top_logprobs, ids = logprobs.topk(k, dim=-1)  # (B, k) each
     return ids, top_logprobs.exp(), top_logprobs, entropy(logits, temperature)
