@@ -30,7 +30,7 @@ from service.engine.device import default_dtype, resolve_device
 from service.engine.inbox import Abort, Message, Probe, ProbeResult, Sink, Submit, Wake
 from service.engine.request import FinishReason, GenerationRequest, RequestOutput, TokenLogprob
 from service.engine.runner import DecodeInput, ModelRunner
-from service.engine.sampling import RowState, make_generator, sample, top_k_distribution
+from service.engine.sampling import RowState, SampleResult, make_generator, sample, top_k_distribution
 from service.engine.scheduler import ScheduledSequence, Scheduler, StepPlan
 from service.engine.stop import StopStringMatcher
 
@@ -329,23 +329,28 @@ class Engine:
             return
         # (R, V): decode-only steps (the usual ones) already have it in one tensor
         logits = decoded if len(ready) == len(plan.decode) else torch.stack([logits for _, logits in ready])
-        actives = [active for active, _ in ready]
-        try:
-            sampled = [(actives, sample(logits, [a.row_state for a in actives], self.generator))]
-        except Exception:  # one request's settings broke the batch: sample each alone, failing only that one
-            log.exception("sampling a batch of %d failed; sampling each request alone", len(actives))
-            sampled = []
-            for i, active in enumerate(actives):
-                try:
-                    sampled.append(([active], sample(logits[i:i + 1], [active.row_state], self.generator)))
-                except Exception as e:
-                    log.exception("sampling request %s failed", active.request_id)
-                    self._finish(active, FinishReason.ERROR, error=f"internal error: {e!r}")
-        for group, result in sampled:
+        for group, result in self._sample([active for active, _ in ready], logits):
             for i, active in enumerate(group):
                 token, logprob = result.token_ids[i], result.logprobs[i]  # logprob: None unless the request asked
                 top = result.top_logprobs[i]
                 self._accept(active, token, None if logprob is None else TokenLogprob(token, logprob, top))
+
+    def _sample(self, actives: list[_Active], logits: torch.Tensor) -> list[tuple[list[_Active], SampleResult]]:
+        """One token per request from its row of `logits` (R, V), as (requests, their result) groups: one group for
+        the batch, or, when one request's settings break the batch, one per request that samples alone (the one
+        at fault ends with an error, the others go on)."""
+        try:
+            return [(actives, sample(logits, [a.row_state for a in actives], self.generator))]
+        except Exception:
+            log.exception("sampling a batch of %d failed; sampling each request alone", len(actives))
+        groups = []
+        for i, active in enumerate(actives):
+            try:
+                groups.append(([active], sample(logits[i:i + 1], [active.row_state], self.generator)))
+            except Exception as e:
+                log.exception("sampling request %s failed", active.request_id)
+                self._finish(active, FinishReason.ERROR, error=f"internal error: {e!r}")
+        return groups
 
     def _accept(self, active: _Active, token: int, logprob: TokenLogprob | None) -> None:
         """Adds a sampled token to its request: stop checks, detokenization, streaming."""

@@ -86,6 +86,11 @@ class ModelRunner:
     def tensor(self, data: list) -> torch.Tensor:
         return torch.tensor(data, dtype=torch.long, device=self.device)
 
+    def padded(self, rows: list[list[int]], fill: int) -> torch.Tensor:
+        """(len(rows), longest) on the device: each row's values, then `fill`."""
+        width = max(len(r) for r in rows)
+        return self.tensor([r + [fill] * (width - len(r)) for r in rows])
+
     # ---- cache bookkeeping ---------------------------------------------------------------------------
 
     def move_rows(self, moves: list[tuple[int, int]]) -> None:
@@ -102,12 +107,8 @@ class ModelRunner:
     @torch.inference_mode()
     def encode_sources(self, rows: list[int], sources: list[list[int]]) -> None:
         """Encoder pass for newly admitted encoder-decoder sequences: their cross-attention K/V, once."""
-        longest = max(len(s) for s in sources)
-        ids = torch.zeros(len(sources), longest, dtype=torch.long)
-        for i, s in enumerate(sources):
-            ids[i, :len(s)] = torch.tensor(s)
         lengths = self.tensor([len(s) for s in sources])
-        memory = self.model.encode(ids.to(self.device), lengths)
+        memory = self.model.encode(self.padded(sources, 0), lengths)
         self.model.write_cross_cache(self.cache, self.tensor(rows), memory, lengths)
 
     # ---- forward passes ------------------------------------------------------------------------------
@@ -151,18 +152,9 @@ class ModelRunner:
     def last_token_logits(self, prompts: list[list[int]], sources: list[list[int]] | None = None) -> torch.Tensor:
         """(B, V) next-token logits after each prompt, in one cache-free forward that computes only the last
         position's logits."""
-        width = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        positions = torch.full((len(prompts), width), -1, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)] = torch.tensor(p)
-            positions[i, :len(p)] = torch.arange(len(p))
+        positions = self.padded([list(range(len(p))) for p in prompts], -1)  # -1: padding
         source = None
         if sources is not None:
-            longest = max(len(s) for s in sources)
-            src = torch.zeros(len(sources), longest, dtype=torch.long)
-            for i, s in enumerate(sources):
-                src[i, :len(s)] = torch.tensor(s)
-            source = Source(src.to(self.device), self.tensor([len(s) for s in sources]))
-        return self.model(ids.to(self.device), positions.to(self.device),
-                          logits_at=self.tensor([len(p) - 1 for p in prompts]), source=source)
+            source = Source(self.padded(sources, 0), self.tensor([len(s) for s in sources]))
+        return self.model(self.padded(prompts, 0), positions, logits_at=self.tensor([len(p) - 1 for p in prompts]),
+                          source=source)
