@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
     app = FastAPI(title="lmserve", description=DESCRIPTION, version="0.1.0", lifespan=lifespan, middleware=[
         Middleware(AccessLog, metrics=state.metrics),
         Middleware(ApiKey, api_key=api_key),
-        Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
+        Middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout),
     ])
     app.state.lmserve = state
     install_error_handlers(app)

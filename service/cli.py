@@ -58,9 +58,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class RepeatLimit(logging.Filter):
+    """Lets through at most `burst` records of one message template (logger, level, format string) per `interval`
+    seconds, and notes how many were held back on the next one let through: a flood of one failure (a client
+    storm, the open-file limit) must not fill the disk with the same traceback."""
+
+    def __init__(self, burst: int = 5, interval: float = 10.0) -> None:
+        super().__init__()
+        self.burst, self.interval = burst, interval
+        self._seen: dict[tuple[str, int, str], list[float]] = {}  # key -> [window start, let through, held back]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, str(record.msg))
+        now = record.created
+        window = self._seen.get(key)
+        if window is None or now - window[0] >= self.interval:
+            held = int(window[2]) if window else 0
+            if len(self._seen) > 10_000:  # many distinct messages: forget the old windows
+                self._seen.clear()
+            self._seen[key] = [now, 1, 0]
+            if held:
+                record.msg = f"{record.msg} [{held} more like this in the last {self.interval:g}s were not logged]"
+            return True
+        if window[1] < self.burst:
+            window[1] += 1
+            return True
+        window[2] += 1
+        return False
+
+
 def _configure_logging(level: str) -> None:
-    """Plain lines for the server's own logs; the access log is one JSON object per line, alone."""
+    """Plain lines for the server's own logs, each message held to a few per 10 s; the access log is one JSON
+    object per line, alone, every one kept."""
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RepeatLimit())
     access = logging.getLogger("lmserve.access")
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -69,9 +101,8 @@ def _configure_logging(level: str) -> None:
 
 
 def serve(settings: Settings) -> int:
-    import uvicorn
-
     from model.checkpoint import CheckpointError, load_config
+    from service.api import http_server
     from service.app import create_app
 
     try:  # a wrong --model fails here, in a second, before anything starts
@@ -82,15 +113,13 @@ def serve(settings: Settings) -> int:
         print(f"lmserve: cannot serve {settings.model}: {e}", file=sys.stderr)
         return 1
     _configure_logging(settings.log_level)
-    server: uvicorn.Server | None = None
+    server: http_server.Server | None = None
 
     def stop() -> None:
         if server is not None:
             server.should_exit = True
     app = create_app(settings, on_fatal=stop)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            log_level=settings.log_level, timeout_graceful_shutdown=settings.shutdown_grace)
-    server = uvicorn.Server(config)
+    server = http_server.server(app, settings)
 
     # uvicorn re-raises the SIGTERM it caught once it has shut down; this handler turns that into exit status 0
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))

@@ -49,6 +49,14 @@ class Settings(BaseSettings):
                                                         "or 'x-api-key: KEY'")
     max_body_bytes: int = Field(1 << 20, ge=1, description="larger request bodies get 413")
     max_prompts: int = Field(64, ge=1, description="most prompts (x n choices) in one request")
+    max_connections: int = Field(1024, ge=1, description="open connections beyond which new ones get 503 "
+                                                         "(kept below the open-file limit)")
+    header_timeout: float = Field(10.0, gt=0, description="seconds a client has to send a request's headers "
+                                                          "(then 408)")
+    body_timeout: float = Field(30.0, gt=0, description="seconds a client has to send a request's body (then 408)")
+    write_timeout: float = Field(30.0, gt=0, description="seconds a client may read nothing of a response before "
+                                                         "it is dropped")
+    keep_alive_timeout: float = Field(5.0, gt=0, description="seconds an idle kept-alive connection stays open")
     shutdown_grace: float = Field(30.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 

@@ -17,7 +17,7 @@ import torch
 from model.checkpoint import Checkpoint, GenerationConfig
 from model.generate import greedy_generate
 from model.tokenizer import Tokenizer
-from service.engine.engine import Engine, EngineConfig, QueueFull
+from service.engine.engine import Engine, EngineConfig
 from service.engine.request import FinishReason, GenerationParams, GenerationRequest
 from tests.support.models import make_model
 
@@ -255,7 +255,7 @@ def test_next_token_distributions(engine_factory, tokenizer):
 
 
 def test_bad_requests_are_refused_before_any_compute(engine_factory, tokenizer):
-    engine = engine_factory(max_queue=2)
+    engine = engine_factory()
     cases = [
         (GenerationParams(max_new_tokens=0), "max_new_tokens"),
         (GenerationParams(temperature=-1), "temperature"),
@@ -270,13 +270,6 @@ def test_bad_requests_are_refused_before_any_compute(engine_factory, tokenizer):
         engine.check(GenerationRequest([], GenerationParams()))
     with pytest.raises(ValueError, match="prompt"):
         engine.check(GenerationRequest([10**6], GenerationParams()))
-
-    async def flood():
-        params = GenerationParams(max_new_tokens=20, temperature=0, ignore_eos=True)
-        engine.config.max_queue = 0  # every new request is over the limit
-        with pytest.raises(QueueFull):
-            await anext(engine.submit(GenerationRequest([5, 6], params)))
-    asyncio.run(flood())
 
 
 def test_the_engine_keeps_no_reference_to_its_checkpoint(tokenizer):

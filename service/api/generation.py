@@ -162,8 +162,16 @@ class Serving:
             raise from_value_error(e, names) from e
         return request
 
-    def generation(self, requests: list[GenerationRequest], prompt_tokens: list[int]) -> Generation:
-        return Generation(self.engine, requests, prompt_tokens, self.metrics, self.settings.request_timeout, self.live)
+    def generation(self, requests: list[GenerationRequest], prompt_tokens: list[int],
+                   request_id: str = "") -> Generation:
+        return Generation(self.engine, requests, prompt_tokens, self.metrics, self.settings.request_timeout,
+                          self.live, request_id)
+
+    def abort_all(self) -> None:
+        """Shutdown's grace deadline: every generation still running ends now, with finish_reason abort (streams
+        get their final event and [DONE])."""
+        for generation in list(self.live):
+            generation.abort_unfinished()
 
     def fail_all(self, reason: str) -> None:
         """The engine died: every generation still waiting on it ends now, with an error."""
@@ -190,8 +198,9 @@ class Generation:
     """
 
     def __init__(self, engine: Engine, requests: list[GenerationRequest], prompt_tokens: list[int], metrics: Metrics,
-                 timeout: float, live: set[Generation]) -> None:
+                 timeout: float, live: set[Generation], request_id: str = "") -> None:
         self.engine, self.requests, self.timeout, self.live = engine, requests, timeout, live
+        self.request_id = request_id  # the HTTP request's, as its client sees it (x-request-id)
         self.prompt_tokens = prompt_tokens  # per request, as clients count them (encoder-decoder: the source)
         self.timers: list[RequestTimer] = [metrics.timer(n) for n in prompt_tokens]
         self.finished = [False] * len(requests)
@@ -266,12 +275,20 @@ class Generation:
                 return
             if isinstance(item, BaseException):
                 raise item
+            if item.error is not None and item.finish_reason is FinishReason.ERROR:
+                item = self._without_internals(item)
             self.timers[index].observe(item)
             if item.finished:
                 self.finished[index] = True
                 remaining -= 1
             yield index, item
         self.live.discard(self)
+
+    def _without_internals(self, out: RequestOutput) -> RequestOutput:
+        """An engine failure's details are for the log; the client gets a message it can quote to the operator."""
+        log.error("request %s: engine request %s failed: %s", self.request_id or "-", out.request_id, out.error)
+        where = f" (request id {self.request_id})" if self.request_id else ""
+        return replace(out, error=f"the server failed this request{where}; its log has the details")
 
     def _failed_outputs(self) -> list[tuple[int, RequestOutput]]:
         outputs = []
@@ -292,9 +309,13 @@ class Generation:
 
     def _on_timeout(self) -> None:
         self.timed_out = True
+        self.abort_unfinished()
+
+    def abort_unfinished(self) -> None:
+        """Asks the engine to end what is unfinished; it answers each with finish_reason abort, read as usual."""
         for request, finished in zip(self.requests, self.finished):
             if not finished:
-                self.engine.abort(request.request_id)  # the engine answers with finish_reason "abort"
+                self.engine.abort(request.request_id)
 
     def close(self) -> None:
         """Aborts every unfinished request at once (client gone, error or timeout); safe to call twice."""

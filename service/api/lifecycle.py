@@ -124,10 +124,20 @@ class ServerState:
                 raise RuntimeError(f"warm-up generation failed: {out.error}")
         await engine.next_token_probs([prompt], top_k=1, temperature=1.0, sources=sources)
 
+    def begin_shutdown(self, grace: float) -> None:
+        """The server stops taking connections (SIGTERM): /ready and new requests get 503 from now on, and what
+        still runs after `grace` seconds is aborted, so its streams end with finish_reason abort and [DONE]."""
+        if self.ready:
+            self.status = "stopping"
+        serving = self.serving
+        if serving is not None:
+            log.info("shutting down: %d request(s) in flight get up to %gs to finish", len(serving.live), grace)
+            asyncio.get_running_loop().call_later(grace, serving.abort_all)
+
     async def stop(self) -> None:
         """Called after the server stopped taking connections and in-flight requests drained (or the grace period
         ran out): stops the engine, aborting whatever is left."""
-        was_ready = self.ready
+        was_ready = self.ready or self.status == "stopping"
         if self.status != "failed":
             self.status = "stopping"
         for task in (self._task, self._watchdog):

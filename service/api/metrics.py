@@ -33,6 +33,7 @@ class _EngineCollector(Collector):
         values = {
             "lmserve_requests_running": ("requests holding a KV-cache row", stats.running),
             "lmserve_requests_waiting": ("requests queued for a KV-cache row", stats.waiting),
+            "lmserve_probe_prompts_waiting": ("/next-token-probs prompts not yet computed", stats.probes_waiting),
             "lmserve_kv_cache_usage_ratio": ("fraction of KV-cache slots in use", stats.cache_usage),
             "lmserve_kv_cache_free_rows": ("KV-cache rows free for new requests", stats.free_rows),
             "lmserve_kv_cache_rows": ("KV-cache rows in all (max batch size)", stats.max_batch_size),

@@ -6,12 +6,14 @@ for bugs), `ApiKey` (401 unless the configured key comes with the request), `Bod
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import secrets
 import time
 import uuid
+from datetime import datetime, timezone
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,6 +28,11 @@ OPEN_PATHS = frozenset({"/", "/health", "/ready", "/metrics", "/docs", "/docs/oa
                         "/openapi.json"})
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others: label "other"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _timestamp() -> str:
+    """Now, as ISO 8601 UTC to the millisecond: the access log's lines stand alone (no logging prefix)."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 async def _send_error(send: Send, error: APIError, extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -75,7 +82,8 @@ class AccessLog:
             route_path = getattr(route, "path", None) or "unmatched"
             method = scope["method"] if scope["method"] in HTTP_METHODS else "other"  # clients make methods up
             self.metrics.http_requests.labels(method, route_path, str(status or 499)).inc()
-            record: dict[str, Any] = {"event": "request", "id": request_id, "method": scope["method"],
+            record: dict[str, Any] = {"time": _timestamp(), "event": "request", "id": request_id,
+                                      "method": scope["method"],
                                       "path": scope["path"], "status": status or 499,
                                       "latency_ms": round((time.monotonic() - start) * 1000, 1)}
             client = scope.get("client")
@@ -111,12 +119,13 @@ class ApiKey:
 
 
 class BodyLimit:
-    """413 for bodies over `max_bytes`: at once from Content-Length, else while reading a chunked body. The body
-    is read here and replayed to the app; after it, `receive` reaches the server again, so the routes can still
-    wait for the client's disconnect."""
+    """413 for bodies over `max_bytes`: at once from Content-Length, else while reading a chunked body; 408 for a
+    body not complete `timeout` seconds after its headers (a client trickling it in holds a connection and a
+    buffer). The body is read here and replayed to the app; after it, `receive` reaches the server again, so the
+    routes can still wait for the client's disconnect."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float = 30.0) -> None:
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -131,8 +140,14 @@ class BodyLimit:
             return
         chunks: list[bytes] = []
         size = 0
+        deadline = asyncio.get_running_loop().time() + self.timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                await _send_error(send, APIError(408, f"the request body did not arrive within {self.timeout:g} "
+                                                      "seconds", code="request_timeout"), [(b"connection", b"close")])
+                return
             if message["type"] != "http.request":  # the client left while sending
                 return
             chunks.append(message.get("body", b""))

@@ -9,8 +9,16 @@ from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response
 
 from service.api.deps import DONE, EventStream, ServingDep, check_count, request_id, sse
-from service.api.errors import APIError, error_body, from_value_error, unavailable
-from service.api.generation import Generation, Serving, collect, log_fields, unless_disconnected, usage
+from service.api.errors import APIError, error_body
+from service.api.generation import (
+    Generation,
+    Serving,
+    collect,
+    engine_error,
+    log_fields,
+    unless_disconnected,
+    usage,
+)
 from service.api.schemas import (
     ERROR_RESPONSES,
     GENERATE_EXAMPLES,
@@ -52,7 +60,8 @@ async def generate(request: Request, body: Annotated[GenerateRequest, Body(opena
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     check_count(len(texts), serving.settings.max_prompts)
     prompts = await serving.prompts(texts)
-    generation = serving.generation(serving.requests(prompts, body), [p.num_tokens for p in prompts])
+    generation = serving.generation(serving.requests(prompts, body), [p.num_tokens for p in prompts],
+                                    request_id(request))
     await unless_disconnected(request, generation.start())
     if body.stream:
         return EventStream(_events(serving, generation, request), request, on_close=generation.close)
@@ -140,10 +149,8 @@ async def next_token_probs(
     try:
         results = await unless_disconnected(request, engine.next_token_probs(decoder, body.top_k, body.temperature,
                                                                              sources=sources))
-    except EngineError as e:
-        raise unavailable(str(e), code="engine_unavailable", retry_after=5) from e
-    except ValueError as e:
-        raise from_value_error(e) from e
+    except (EngineError, ValueError) as e:
+        raise engine_error(e) from e
     log_fields(request, prompt_tokens=sum(len(d) for d in decoder))
     return JSONResponse({"model": serving.name, "results": results})
 

@@ -18,6 +18,8 @@ import logging
 import queue
 import threading
 import time
+import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -50,7 +52,7 @@ class EngineConfig:
     max_batch_size: int = 32  # sequences decoding together (KV-cache rows)
     max_seq_len: int | None = None  # context per sequence; default: the model's max_position_embeddings
     max_prefill_tokens: int = 512  # prompt tokens per step; longer prompts are chunked
-    max_queue: int = 256  # waiting requests beyond which submit raises QueueFull
+    max_queue: int = 256  # requests (and probe prompts) waiting for a row or for compute; more get QueueFull
     cuda_graphs: bool = True
     cpu_kernels: bool = True  # float32 CPU models on our kernels (service/backends/cpu/) where they build
     seed: int = 0  # for requests without their own seed
@@ -63,15 +65,64 @@ class EngineStats:
 
     running: int = 0  # requests holding a KV-cache row
     waiting: int = 0  # requests queued for a row
+    probes_waiting: int = 0  # next-token-probs prompts not yet computed
     free_rows: int = 0
     max_batch_size: int = 0  # KV-cache rows in all
     cache_usage: float = 0.0  # fraction of KV-cache slots in use
 
     @classmethod
-    def of(cls, scheduler: Scheduler) -> EngineStats:
+    def of(cls, scheduler: Scheduler, probes_waiting: int = 0) -> EngineStats:
         free = scheduler.free_rows
-        return cls(running=scheduler.max_batch_size - free, waiting=scheduler.num_waiting, free_rows=free,
-                   max_batch_size=scheduler.max_batch_size, cache_usage=scheduler.cache_usage)
+        return cls(running=scheduler.max_batch_size - free, waiting=scheduler.num_waiting,
+                   probes_waiting=probes_waiting, free_rows=free, max_batch_size=scheduler.max_batch_size,
+                   cache_usage=scheduler.cache_usage)
+
+    @property
+    def busy(self) -> bool:
+        return self.running + self.waiting + self.probes_waiting > 0
+
+
+class Admission:
+    """What the engine has taken and not yet answered, counted when the caller submits (not when the engine thread
+    gets to it), so that a burst is judged by what will actually wait: a generation that will find a free KV-cache
+    row is always taken; otherwise work is refused once `max_queue` requests and probe prompts wait (for a row, or
+    for the compute a probe needs)."""
+
+    def __init__(self, rows: int, max_queue: int) -> None:
+        self.rows, self.max_queue = rows, max_queue
+        self.generations = 0  # submitted, not finished
+        self.probe_prompts = 0  # submitted, not answered
+        self._lock = threading.Lock()
+
+    @property
+    def waiting(self) -> int:
+        return max(0, self.generations - self.rows) + self.probe_prompts
+
+    def admit(self, generations: int = 0, probe_prompts: int = 0) -> None:
+        with self._lock:
+            finds_a_row = generations > 0 and self.generations + generations <= self.rows
+            if not finds_a_row and self.waiting >= self.max_queue:
+                raise QueueFull(f"the waiting queue is full ({self.max_queue} requests)")
+            self.generations += generations
+            self.probe_prompts += probe_prompts
+
+    def release(self, generations: int = 0, probe_prompts: int = 0) -> None:
+        with self._lock:
+            self.generations -= generations
+            self.probe_prompts -= probe_prompts
+
+
+@dataclass
+class _ProbeJob:
+    """A probe in the engine thread: its prompts are computed a group at a time (at most max_prefill_tokens tokens
+    per group), one group per loop iteration, between decode steps, so a big probe cannot stall the streams."""
+
+    probe: Probe
+    results: ProbeResult = field(default_factory=list)
+
+    @property
+    def remaining(self) -> int:
+        return len(self.probe.prompts) - len(self.results)
 
 
 def _deliver(outputs: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
@@ -121,7 +172,9 @@ class Engine:
         self.scheduler = Scheduler(self.config.max_batch_size, self.max_seq_len, self.config.max_prefill_tokens)
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self.admission = Admission(self.config.max_batch_size, self.config.max_queue)
         self._active: dict[str, _Active] = {}
+        self._probes: deque[_ProbeJob] = deque()
         # outputs waiting for the end of the step, by the event loop they go to: (queue, output, request or None)
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput, _Active | None]]] = {}
         self._thread: threading.Thread | None = None
@@ -153,7 +206,7 @@ class Engine:
         """Stops taking requests, lets in-flight ones finish for up to grace_seconds, aborts the rest."""
         self._accepting = False
         deadline = time.monotonic() + grace_seconds
-        while self.stats.running + self.stats.waiting > 0 and time.monotonic() < deadline and self.alive:
+        while self.stats.busy and time.monotonic() < deadline and self.alive:
             time.sleep(0.01)
         self._stopping.set()
         self._inbox.put(Wake())
@@ -183,10 +236,8 @@ class Engine:
     async def submit(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Queues the request and yields its outputs as they come; leaving the loop early aborts it."""
         self.check(request)
-        if not self._accepting or not self.alive:
-            raise EngineError(self.dead_reason or "the engine is not accepting requests")
-        if self.stats.waiting + self._inbox.qsize() >= self.config.max_queue:
-            raise QueueFull(f"the waiting queue is full ({self.config.max_queue} requests)")
+        self._check_accepting()
+        self.admission.admit(generations=1)  # released by the engine thread when it posts the last output
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._inbox.put(Submit(request, Sink(loop, outputs)))
@@ -205,34 +256,47 @@ class Engine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(Abort(request_id))
 
+    def _check_accepting(self) -> None:
+        if not self._accepting or not self.alive:
+            raise EngineError(self.dead_reason or "the engine is not accepting requests")
+
     async def next_token_probs(self, prompts: list[list[int]], top_k: int, temperature: float,
                                sources: list[list[int]] | None = None) -> ProbeResult:
         """Top-k next tokens (id, text, prob, logprob) and the full distribution's entropy, for each prompt,
-        from one batched forward in the engine thread."""
-        if not self.alive:
-            raise EngineError(self.dead_reason or "the engine is not running")
+        computed in the engine thread between decode steps. Admitted like a generation (each prompt counts as one
+        waiting request); cancelling the caller (a client gone) drops whatever is not computed yet."""
+        self._check_accepting()
+        self.admission.admit(probe_prompts=len(prompts))  # released by the engine thread when it replies
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ProbeResult] = loop.create_future()
 
         def reply(result: ProbeResult | Exception) -> None:
             setter = future.set_exception if isinstance(result, Exception) else future.set_result
             loop.call_soon_threadsafe(lambda: future.done() or setter(result))
-        self._inbox.put(Probe(prompts, sources, top_k, temperature, reply))
-        return await future
+        probe = Probe(uuid.uuid4().hex, prompts, sources, top_k, temperature, reply)
+        self._inbox.put(probe)
+        try:
+            return await future
+        except asyncio.CancelledError:  # the caller has gone (a client disconnected): drop what is not computed
+            self.abort(probe.probe_id)
+            raise
 
     # ---- the engine thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
             while not self._stopping.is_set():
-                self._drain_inbox(block=not self.scheduler.has_work)
+                self._drain_inbox(block=not self._has_work)
                 self._flush()
-                if self.scheduler.has_work:
-                    self._step_guarded()
+                if self._has_work:
+                    if self.scheduler.has_work:
+                        self._step_guarded()
+                    if self._probes:
+                        self._probe_step()
                     self._flush()
-                    if not self.scheduler.has_work:
+                    if not self._has_work:
                         release_cpu_threads()  # idle: leave the cores' OpenMP threads to whoever computes next
-                self.stats = EngineStats.of(self.scheduler)
+                self._update_stats()
         except Exception as e:  # a bug outside any one request: report it on /health
             log.exception("engine thread died")
             self.dead_reason = f"engine thread died: {e!r}"
@@ -241,8 +305,17 @@ class Engine:
             for active in list(self._active.values()):
                 self._finish(active, reason, error=self.dead_reason)
             self._refuse_inbox(reason)
+            while self._probes:
+                self._reply(self._probes.popleft(), EngineError(self.dead_reason or "the engine stopped"))
             self._flush()
-            self.stats = EngineStats.of(self.scheduler)
+            self._update_stats()
+
+    @property
+    def _has_work(self) -> bool:
+        return self.scheduler.has_work or bool(self._probes)
+
+    def _update_stats(self) -> None:
+        self.stats = EngineStats.of(self.scheduler, sum(job.remaining for job in self._probes))
 
     def _refuse_inbox(self, reason: FinishReason) -> None:
         """Answers whatever is still queued once the thread stops, so no caller waits forever."""
@@ -255,7 +328,7 @@ class Engine:
             if isinstance(message, Submit):
                 self._post(message.sink, RequestOutput.ended(message.request, reason, error))
             elif isinstance(message, Probe):
-                message.reply(EngineError(error))
+                self._reply(_ProbeJob(message), EngineError(error))
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -276,8 +349,10 @@ class Engine:
             case Abort(request_id):
                 if request_id in self._active:
                     self._finish(self._active[request_id], FinishReason.ABORT)
+                else:
+                    self._drop_probe(request_id)
             case Probe():
-                self._probe(message)
+                self._probes.append(_ProbeJob(message))
             case Wake():
                 pass
             case _:  # a bug in whoever sent it; the engine thread dies of it and /health says why
@@ -390,6 +465,8 @@ class Engine:
         self._post(active.sink, output, active)
 
     def _post(self, sink: Sink, output: RequestOutput, active: _Active | None = None) -> None:
+        if output.finished:
+            self.admission.release(generations=1)
         self._outbox.setdefault(sink.loop, []).append((sink.queue, output, active))
 
     def _flush(self) -> None:
@@ -404,19 +481,38 @@ class Engine:
                     if active is not None and active.request_id in self._active:
                         self.scheduler.finish(active.request_id)
                         del self._active[active.request_id]
+                        self.admission.release(generations=1)
 
-    def _probe(self, probe: Probe) -> None:
-        prompts, reply = probe.prompts, probe.reply
+    def _probe_step(self) -> None:
+        """Computes the next group of prompts of the oldest probe; replies once all its prompts are done."""
+        job = self._probes[0]
+        probe, start = job.probe, len(job.results)
+        end, tokens = start + 1, len(probe.prompts[start])
+        while end < len(probe.prompts) and tokens + len(probe.prompts[end]) <= self.config.max_prefill_tokens:
+            tokens += len(probe.prompts[end])
+            end += 1
         try:
-            logits = self.runner.last_token_logits(prompts, probe.sources)
+            sources = probe.sources[start:end] if probe.sources is not None else None
+            logits = self.runner.last_token_logits(probe.prompts[start:end], sources)
             ids, probs, logprobs, entropy = top_k_distribution(logits, probe.top_k, probe.temperature)
-            results = []
-            for row in range(len(prompts)):
-                tokens = [{"id": i, "text": self.tokenizer.token_text(i), "prob": p, "logprob": lp}
-                          for i, p, lp in zip(ids[row].tolist(), probs[row].tolist(), logprobs[row].tolist())]
-                results.append({"prompt_tokens": len(prompts[row]), "tokens": tokens,
-                                "entropy": float(entropy[row])})
-            reply(results)
         except Exception as e:
-            log.exception("next-token distribution failed")
-            reply(e)
+            log.exception("next-token distribution failed (probe %s)", probe.probe_id)
+            self._reply(self._probes.popleft(), e)
+            return
+        for row, prompt in enumerate(probe.prompts[start:end]):
+            tokens_out = [{"id": i, "text": self.tokenizer.token_text(i), "prob": p, "logprob": lp}
+                          for i, p, lp in zip(ids[row].tolist(), probs[row].tolist(), logprobs[row].tolist())]
+            job.results.append({"prompt_tokens": len(prompt), "tokens": tokens_out, "entropy": float(entropy[row])})
+        if not job.remaining:
+            self._reply(self._probes.popleft(), job.results)
+
+    def _reply(self, job: _ProbeJob, result: ProbeResult | Exception) -> None:
+        self.admission.release(probe_prompts=len(job.probe.prompts))
+        job.probe.reply(result)
+
+    def _drop_probe(self, probe_id: str) -> None:
+        """Its caller has gone: forget a probe not yet computed (one being computed finishes, unread)."""
+        job = next((job for job in self._probes if job.probe.probe_id == probe_id), None)
+        if job is not None:
+            self._probes.remove(job)
+            self._reply(job, EngineError("aborted"))

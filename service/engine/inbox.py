@@ -34,7 +34,8 @@ class Submit:
 
 @dataclass(frozen=True)
 class Abort:
-    """Stop a request (if it still runs); it ends with finish_reason abort."""
+    """Stop a request or a probe (if it still runs or waits); a request ends with finish_reason abort, a probe
+    is dropped (its caller has gone)."""
 
     request_id: str
 
@@ -43,6 +44,7 @@ class Abort:
 class Probe:
     """A next-token distribution for each prompt; `reply` gets the results or the exception, on any thread."""
 
+    probe_id: str
     prompts: list[list[int]]
     sources: list[list[int]] | None
     top_k: int

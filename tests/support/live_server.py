@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 from model.checkpoint import save_checkpoint
 from model.tokenizer import Tokenizer
+from service.api import http_server
 from service.app import create_app
 from service.settings import Settings
 from tests.support.models import make_model
@@ -39,14 +39,16 @@ def make_checkpoint(directory: Path, variant: str = "llama-gqa", max_positions: 
 
 
 class LiveServer:
-    """create_app(settings) served by uvicorn on a free loopback port, in a thread of this process."""
+    """create_app(settings) served by uvicorn as `lmserve serve` runs it, on a free loopback port, in a thread of
+    this process."""
 
     def __init__(self, settings: Settings, **app_kwargs) -> None:
+        if "shutdown_grace" not in settings.model_fields_set:
+            settings = settings.model_copy(update={"shutdown_grace": 2.0})  # a test's stop need not wait 30 s
+        self.settings = settings
         self.app = create_app(settings, **app_kwargs)
         self.state = self.app.state.lmserve
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_config=None, access_log=False,
-                                timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
+        self.server = http_server.server(self.app, settings, host="127.0.0.1", port=0)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
         self.thread.start()
         wait_until(lambda: self.server.started, timeout=20, what="uvicorn to start")
@@ -61,6 +63,17 @@ class LiveServer:
     @property
     def engine(self):
         return self.state.serving.engine
+
+    def slow_down(self, runner_method: str, seconds: float) -> None:
+        """Makes every call of one ModelRunner method take `seconds` longer: a stand-in for a big model on a slow
+        machine, so that requests overlap (or outlast a deadline) however fast this tiny one runs."""
+        runner = self.engine.runner
+        real = getattr(runner, runner_method)
+
+        def slow(*args, **kwargs):
+            time.sleep(seconds)
+            return real(*args, **kwargs)
+        setattr(runner, runner_method, slow)
 
     def metrics(self) -> dict[str, float]:
         return parse_metrics(self.client.get("/metrics").text)
