@@ -285,22 +285,45 @@ def test_the_engine_keeps_no_reference_to_its_checkpoint(tokenizer):
     assert engine.generation_config.eos_token_id == tokenizer.eos_id
 
 
-def test_engine_keeps_serving_after_a_failed_step(engine_factory, tokenizer, monkeypatch):
+def test_a_forward_pass_that_raises_is_run_again_one_sequence_at_a_time(engine_factory, tokenizer, monkeypatch):
+    """A one-off failure costs a retry and nothing else; a request whose own pass keeps raising fails alone, in
+    prefill or in decode, and the requests beside it get exactly the tokens they get alone."""
     engine = engine_factory()
     params = GenerationParams(max_new_tokens=5, temperature=0, ignore_eos=True)
-    original = engine.runner.decode
+    alone = tokens_of(run(engine, [GenerationRequest([5, 6, 7], params)])[0])
+    real_decode, real_prefill = engine.runner.decode, engine.runner.prefill
     calls = {"n": 0}
 
     def flaky(inputs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("simulated kernel failure")
-        return original(inputs)
+        return real_decode(inputs)
     monkeypatch.setattr(engine.runner, "decode", flaky)
-    failed = run(engine, [GenerationRequest([5, 6, 7], params)])[0]
-    assert failed[-1].finish_reason is FinishReason.ERROR and "simulated" in failed[-1].error
-    ok = run(engine, [GenerationRequest([5, 6, 7], params)])[0]
-    assert ok[-1].finish_reason is FinishReason.LENGTH and engine.alive
+    retried = run(engine, [GenerationRequest([5, 6, 7], params)])[0]
+    assert tokens_of(retried) == alone and retried[-1].finish_reason is FinishReason.LENGTH
+
+    poisoned = {"prefill": GenerationRequest([5, 6, 7], params), "decode": GenerationRequest([5, 6, 7], params)}
+
+    def decode(inputs):
+        if any(engine.scheduler.rows[i.row].request_id == poisoned["decode"].request_id for i in inputs):
+            raise RuntimeError("simulated decode failure")
+        return real_decode(inputs)
+
+    def prefill(chunks, tokens):
+        if any(c.seq.request_id == poisoned["prefill"].request_id for c in chunks):
+            raise RuntimeError("simulated prefill failure")
+        return real_prefill(chunks, tokens)
+    monkeypatch.setattr(engine.runner, "decode", decode)
+    monkeypatch.setattr(engine.runner, "prefill", prefill)
+    good = [GenerationRequest([5, 6, 7], params) for _ in range(3)]
+    outputs = run(engine, [good[0], poisoned["prefill"], good[1], poisoned["decode"], good[2]])
+    for bad, stage in ((outputs[1], "prefill"), (outputs[3], "decode")):
+        assert bad[-1].finish_reason is FinishReason.ERROR and stage in bad[-1].error
+    assert tokens_of(outputs[1]) == [] and len(tokens_of(outputs[3])) == 1  # its first token came from prefill
+    for out in (outputs[0], outputs[2], outputs[4]):
+        assert tokens_of(out) == alone and out[-1].finish_reason is FinishReason.LENGTH
+    assert engine.alive
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -24,7 +24,8 @@ from pydantic import BaseModel
 
 from service.api.errors import APIError, ClientDisconnected, from_value_error, unavailable
 from service.api.metrics import Metrics, RequestTimer
-from service.engine.engine import Engine, EngineError, QueueFull
+from service.engine.admission import EngineError, QueueFull
+from service.engine.engine import Engine
 from service.engine.request import FinishReason, GenerationParams, GenerationRequest, RequestOutput, TokenLogprob
 from service.settings import Settings
 

@@ -32,7 +32,7 @@ from service.api.schemas import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from service.engine.engine import EngineError
+from service.engine.admission import EngineError
 from service.engine.request import RequestOutput, TokenLogprob
 
 router = APIRouter(tags=["lmserve"])

@@ -19,7 +19,6 @@ import queue
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -28,8 +27,10 @@ import torch
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.tokenizer import IncrementalDetokenizer
 from service.backends.cpu.threads import release_cpu_threads
+from service.engine.admission import Admission, EngineError
 from service.engine.device import default_dtype, resolve_device
 from service.engine.inbox import Abort, Message, Probe, ProbeResult, Sink, Submit, Wake
+from service.engine.probes import ProbeQueue
 from service.engine.request import FinishReason, GenerationRequest, RequestOutput, TokenLogprob
 from service.engine.runner import DecodeInput, ModelRunner
 from service.engine.sampling import RowState, SampleResult, make_generator, sample, top_k_distribution
@@ -37,14 +38,6 @@ from service.engine.scheduler import ScheduledSequence, Scheduler, StepPlan
 from service.engine.stop import StopStringMatcher
 
 log = logging.getLogger(__name__)
-
-
-class EngineError(RuntimeError):
-    """The engine cannot take this request now (queue full, shutting down, or dead)."""
-
-
-class QueueFull(EngineError):
-    pass
 
 
 @dataclass
@@ -80,49 +73,6 @@ class EngineStats:
     @property
     def busy(self) -> bool:
         return self.running + self.waiting + self.probes_waiting > 0
-
-
-class Admission:
-    """What the engine has taken and not yet answered, counted when the caller submits (not when the engine thread
-    gets to it), so that a burst is judged by what will actually wait: a generation that will find a free KV-cache
-    row is always taken; otherwise work is refused once `max_queue` requests and probe prompts wait (for a row, or
-    for the compute a probe needs)."""
-
-    def __init__(self, rows: int, max_queue: int) -> None:
-        self.rows, self.max_queue = rows, max_queue
-        self.generations = 0  # submitted, not finished
-        self.probe_prompts = 0  # submitted, not answered
-        self._lock = threading.Lock()
-
-    @property
-    def waiting(self) -> int:
-        return max(0, self.generations - self.rows) + self.probe_prompts
-
-    def admit(self, generations: int = 0, probe_prompts: int = 0) -> None:
-        with self._lock:
-            finds_a_row = generations > 0 and self.generations + generations <= self.rows
-            if not finds_a_row and self.waiting >= self.max_queue:
-                raise QueueFull(f"the waiting queue is full ({self.max_queue} requests)")
-            self.generations += generations
-            self.probe_prompts += probe_prompts
-
-    def release(self, generations: int = 0, probe_prompts: int = 0) -> None:
-        with self._lock:
-            self.generations -= generations
-            self.probe_prompts -= probe_prompts
-
-
-@dataclass
-class _ProbeJob:
-    """A probe in the engine thread: its prompts are computed a group at a time (at most max_prefill_tokens tokens
-    per group), one group per loop iteration, between decode steps, so a big probe cannot stall the streams."""
-
-    probe: Probe
-    results: ProbeResult = field(default_factory=list)
-
-    @property
-    def remaining(self) -> int:
-        return len(self.probe.prompts) - len(self.results)
 
 
 def _deliver(outputs: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
@@ -174,7 +124,7 @@ class Engine:
         self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self.admission = Admission(self.config.max_batch_size, self.config.max_queue)
         self._active: dict[str, _Active] = {}
-        self._probes: deque[_ProbeJob] = deque()
+        self._probes = ProbeQueue(self.admission, self.config.max_prefill_tokens)
         # outputs waiting for the end of the step, by the event loop they go to: (queue, output, request or None)
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput, _Active | None]]] = {}
         self._thread: threading.Thread | None = None
@@ -292,7 +242,7 @@ class Engine:
                     if self.scheduler.has_work:
                         self._step_guarded()
                     if self._probes:
-                        self._probe_step()
+                        self._probes.step(self._probe_rows)
                     self._flush()
                     if not self._has_work:
                         release_cpu_threads()  # idle: leave the cores' OpenMP threads to whoever computes next
@@ -305,8 +255,7 @@ class Engine:
             for active in list(self._active.values()):
                 self._finish(active, reason, error=self.dead_reason)
             self._refuse_inbox(reason)
-            while self._probes:
-                self._reply(self._probes.popleft(), EngineError(self.dead_reason or "the engine stopped"))
+            self._probes.fail_all(EngineError(self.dead_reason or "the engine stopped"))
             self._flush()
             self._update_stats()
 
@@ -315,7 +264,7 @@ class Engine:
         return self.scheduler.has_work or bool(self._probes)
 
     def _update_stats(self) -> None:
-        self.stats = EngineStats.of(self.scheduler, sum(job.remaining for job in self._probes))
+        self.stats = EngineStats.of(self.scheduler, self._probes.prompts_waiting)
 
     def _refuse_inbox(self, reason: FinishReason) -> None:
         """Answers whatever is still queued once the thread stops, so no caller waits forever."""
@@ -328,7 +277,7 @@ class Engine:
             if isinstance(message, Submit):
                 self._post(message.sink, RequestOutput.ended(message.request, reason, error))
             elif isinstance(message, Probe):
-                self._reply(_ProbeJob(message), EngineError(error))
+                self._probes.reply(message, EngineError(error))
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -350,9 +299,9 @@ class Engine:
                 if request_id in self._active:
                     self._finish(self._active[request_id], FinishReason.ABORT)
                 else:
-                    self._drop_probe(request_id)
+                    self._probes.drop(request_id)
             case Probe():
-                self._probes.append(_ProbeJob(message))
+                self._probes.add(message)
             case Wake():
                 pass
             case _:  # a bug in whoever sent it; the engine thread dies of it and /health says why
@@ -373,18 +322,55 @@ class Engine:
         self._active[request.request_id] = active
 
     def _step_guarded(self) -> None:
+        """One step of the plan. A forward pass that raises is run again one sequence at a time, so that only the
+        request at fault fails (its chunk or decode token is written to the same cache slots again, which is
+        harmless); the others go on."""
         plan = self.scheduler.schedule()
         try:
-            self._step(plan)
-        except Exception as e:  # fail the requests of this step; the engine keeps serving the others
-            log.exception("engine step failed")
+            self.runner.move_rows(plan.moves)
+        except Exception as e:  # the rows may be half moved: no request of this step can be trusted
+            log.exception("moving cache rows failed")
             for seq in [c.seq for c in plan.prefill] + plan.decode:
-                if seq.request_id in self._active:
-                    self._finish(self._active[seq.request_id], FinishReason.ERROR, error=f"internal error: {e!r}")
+                self._fail(seq.request_id, e)
+            return
+        try:
+            actives, logits = self._forward(plan)
+        except Exception:
+            log.exception("a forward pass of %d sequences failed; running each alone",
+                          len(plan.prefill) + len(plan.decode))
+            actives, logits = self._forward_each(plan)
+        if not actives:
+            return
+        for group, result in self._sample(actives, logits):
+            for i, active in enumerate(group):
+                token, logprob = result.token_ids[i], result.logprobs[i]  # logprob: None unless the request asked
+                top = result.top_logprobs[i]
+                try:
+                    self._accept(active, token, None if logprob is None else TokenLogprob(token, logprob, top))
+                except Exception as e:
+                    log.exception("handling the new token of request %s failed", active.request_id)
+                    self._fail(active.request_id, e)
 
-    def _step(self, plan: StepPlan) -> None:
+    def _forward_each(self, plan: StepPlan) -> tuple[list[_Active], torch.Tensor | None]:
+        """`_forward` one sequence at a time; a sequence whose pass raises ends with an error."""
+        actives, parts = [], []
+        alone = [(c.seq, StepPlan(prefill=[c])) for c in plan.prefill]
+        alone += [(seq, StepPlan(decode=[seq])) for seq in plan.decode]
+        for seq, one in alone:
+            try:
+                found, part = self._forward(one)
+            except Exception as e:
+                log.exception("the forward pass of request %s failed", seq.request_id)
+                self._fail(seq.request_id, e)
+                continue
+            if part is not None:
+                actives += found
+                parts.append(part)
+        return actives, torch.cat(parts) if parts else None
+
+    def _forward(self, plan: StepPlan) -> tuple[list[_Active], torch.Tensor | None]:
+        """Runs the plan's passes (moves already made): the requests that produced logits and their logits (R, V)."""
         runner = self.runner
-        runner.move_rows(plan.moves)
         if self.is_encoder_decoder:
             admitted = [self._active[c.seq.request_id] for c in plan.prefill if c.start == 0]
             if admitted:
@@ -401,14 +387,15 @@ class Engine:
             ready.extend(zip(actives, decoded))
         self.scheduler.step_done(plan)
         if not ready:
-            return
+            return [], None
         # (R, V): decode-only steps (the usual ones) already have it in one tensor
         logits = decoded if len(ready) == len(plan.decode) else torch.stack([logits for _, logits in ready])
-        for group, result in self._sample([active for active, _ in ready], logits):
-            for i, active in enumerate(group):
-                token, logprob = result.token_ids[i], result.logprobs[i]  # logprob: None unless the request asked
-                top = result.top_logprobs[i]
-                self._accept(active, token, None if logprob is None else TokenLogprob(token, logprob, top))
+        return [active for active, _ in ready], logits
+
+    def _fail(self, request_id: str, error: Exception) -> None:
+        """Ends a request with an error; the message is for the log (the API layer shows clients a generic one)."""
+        if request_id in self._active:
+            self._finish(self._active[request_id], FinishReason.ERROR, error=f"internal error: {error!r}")
 
     def _sample(self, actives: list[_Active], logits: torch.Tensor) -> list[tuple[list[_Active], SampleResult]]:
         """One token per request from its row of `logits` (R, V), as (requests, their result) groups: one group for
@@ -424,7 +411,7 @@ class Engine:
                 groups.append(([active], sample(logits[i:i + 1], [active.row_state], self.generator)))
             except Exception as e:
                 log.exception("sampling request %s failed", active.request_id)
-                self._finish(active, FinishReason.ERROR, error=f"internal error: {e!r}")
+                self._fail(active.request_id, e)
         return groups
 
     def _accept(self, active: _Active, token: int, logprob: TokenLogprob | None) -> None:
@@ -483,36 +470,14 @@ class Engine:
                         del self._active[active.request_id]
                         self.admission.release(generations=1)
 
-    def _probe_step(self) -> None:
-        """Computes the next group of prompts of the oldest probe; replies once all its prompts are done."""
-        job = self._probes[0]
-        probe, start = job.probe, len(job.results)
-        end, tokens = start + 1, len(probe.prompts[start])
-        while end < len(probe.prompts) and tokens + len(probe.prompts[end]) <= self.config.max_prefill_tokens:
-            tokens += len(probe.prompts[end])
-            end += 1
-        try:
-            sources = probe.sources[start:end] if probe.sources is not None else None
-            logits = self.runner.last_token_logits(probe.prompts[start:end], sources)
-            ids, probs, logprobs, entropy = top_k_distribution(logits, probe.top_k, probe.temperature)
-        except Exception as e:
-            log.exception("next-token distribution failed (probe %s)", probe.probe_id)
-            self._reply(self._probes.popleft(), e)
-            return
+    def _probe_rows(self, probe: Probe, start: int, end: int) -> ProbeResult:
+        """The next-token distributions of probe prompts [start, end), from one cache-free forward."""
+        sources = probe.sources[start:end] if probe.sources is not None else None
+        logits = self.runner.last_token_logits(probe.prompts[start:end], sources)
+        ids, probs, logprobs, entropy = top_k_distribution(logits, probe.top_k, probe.temperature)
+        results = []
         for row, prompt in enumerate(probe.prompts[start:end]):
-            tokens_out = [{"id": i, "text": self.tokenizer.token_text(i), "prob": p, "logprob": lp}
-                          for i, p, lp in zip(ids[row].tolist(), probs[row].tolist(), logprobs[row].tolist())]
-            job.results.append({"prompt_tokens": len(prompt), "tokens": tokens_out, "entropy": float(entropy[row])})
-        if not job.remaining:
-            self._reply(self._probes.popleft(), job.results)
-
-    def _reply(self, job: _ProbeJob, result: ProbeResult | Exception) -> None:
-        self.admission.release(probe_prompts=len(job.probe.prompts))
-        job.probe.reply(result)
-
-    def _drop_probe(self, probe_id: str) -> None:
-        """Its caller has gone: forget a probe not yet computed (one being computed finishes, unread)."""
-        job = next((job for job in self._probes if job.probe.probe_id == probe_id), None)
-        if job is not None:
-            self._probes.remove(job)
-            self._reply(job, EngineError("aborted"))
+            tokens = [{"id": i, "text": self.tokenizer.token_text(i), "prob": p, "logprob": lp}
+                      for i, p, lp in zip(ids[row].tolist(), probs[row].tolist(), logprobs[row].tolist())]
+            results.append({"prompt_tokens": len(prompt), "tokens": tokens, "entropy": float(entropy[row])})
+        return results

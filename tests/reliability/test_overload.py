@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from model.checkpoint import Checkpoint, GenerationConfig
-from service.engine.engine import Admission, Engine, EngineConfig, QueueFull
+from service.engine.admission import Admission, QueueFull
+from service.engine.engine import Engine, EngineConfig
 from service.engine.request import GenerationParams, GenerationRequest
 from service.settings import Settings
 from tests.support.live_server import LiveServer, assert_error, make_checkpoint, tokenizer, wait_idle, wait_until
