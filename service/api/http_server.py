@@ -77,6 +77,8 @@ class GuardedH11Protocol(H11Protocol):
     header_timeout = 10.0
     write_timeout = 30.0
     linger = 1.0  # seconds a refused connection is read (and ignored) after its answer, see _answer_and_close
+    max_lingering = 64  # beyond this many lingering at once (a flood), refused connections are closed at once
+    lingering = 0
     refusals: _Counted  # connections refused at the cap, and
     stalls: _Counted  # clients dropped for reading nothing: per server, see guarded_protocol
 
@@ -84,7 +86,7 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_made(transport)
         self._header_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
-        self._closing = False
+        self._closing = self._lingers = False
         if len(self.connections) > self.max_connections:
             self.refusals.note()
             self._answer_and_close(TOO_MANY_CONNECTIONS)
@@ -97,8 +99,13 @@ class GuardedH11Protocol(H11Protocol):
         destroy the answer before the client reads it."""
         self._closing = True
         self.transport.write(response)
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
+        cls = type(self)
+        if cls.lingering >= self.max_lingering or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        cls.lingering += 1
+        self._lingers = True
         self.loop.call_later(self.linger, self.transport.close)
 
     def _arm_header_timer(self) -> None:
@@ -158,6 +165,9 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._lingers:
+            self._lingers = False
+            type(self).lingering -= 1
         self._cancel_header_timer()
         self._cancel_write_timer()
         super().connection_lost(exc)
