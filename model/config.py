@@ -1,8 +1,8 @@
-"""ModelConfig: one dataclass for every Transformer variant lmserve runs, and its `config.json` form.
+"""ModelConfig: one dataclass for every Transformer variant lmserve runs, and lmserve's own `config.json` form.
 
-The JSON side follows Hugging Face naming. A decoder-only model in the Llama layout (pre-norm RMSNorm,
-RoPE, SwiGLU, no biases) is written as `model_type: "llama"` so other tools read our checkpoints; every
-other variant is written as `model_type: "lmserve"` with the same field names plus a few of our own.
+The fields follow Hugging Face naming. Checkpoints of a Hugging Face family (Llama, Mistral, Qwen2/3, Phi-3, Gemma,
+GPT-2) are read into a ModelConfig, and ours written as one where they are one, by `model/families.py`; every other
+variant is written as `model_type: "lmserve"`, the fields below.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 Positions = Literal["rope", "learned", "sinusoidal"]
 NormType = Literal["rmsnorm", "layernorm"]
 NormPosition = Literal["pre", "post"]
-Activation = Literal["relu", "gelu", "gelu_tanh", "swiglu"]
-
-SUPPORTED_MODEL_TYPES = ("lmserve", "llama")
+Activation = Literal["relu", "gelu", "gelu_tanh", "swiglu", "geglu"]  # swiglu, geglu: gated (SiLU, tanh-GELU)
+RopeType = Literal["default", "linear", "dynamic", "llama3", "yarn"]
+GATED_ACTIVATIONS = ("swiglu", "geglu")
 # the weight dtypes lmserve reads, stores and serves, by their config.json / --dtype names
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,7 +48,7 @@ class Architecture:
     norm_type: NormType = option("rmsnorm", "rmsnorm | layernorm")
     norm_position: NormPosition = option("pre", "pre (modern) | post (the original Add & Norm)")
     norm_eps: float = option(1e-5, "epsilon of every norm")
-    activation: Activation = option("swiglu", "relu | gelu | gelu_tanh | swiglu")
+    activation: Activation = option("swiglu", "relu | gelu | gelu_tanh | swiglu | geglu")
     tie_word_embeddings: bool = option(True, "share the token embedding with the output Linear")
     bias: bool = option(False, "biases in linear layers and LayerNorm")
     scale_embedding: bool = option(False, "multiply token embeddings by sqrt(hidden_size), as the original did")
@@ -63,31 +63,46 @@ class ModelConfig(Architecture):
     eos_token_id: int | None = 2
     pad_token_id: int | None = 0
     torch_dtype: str = "float32"
+    # what some Hugging Face families need beyond `Architecture` (None: follow `bias`, or hidden_size / heads)
+    head_dim: int | None = None  # per-head size; Gemma's and Qwen3's differ from hidden_size / heads
+    attention_bias: bool | None = None  # biases on q, k, v and o
+    qkv_bias: bool | None = None  # biases on q, k and v only (Qwen2); None: as attention_bias
+    mlp_bias: bool | None = None
+    qk_norm: bool = False  # RMSNorm over each head of q and k before the rotation (Qwen3)
+    norm_unit_offset: bool = False  # RMSNorm scales by (1 + weight) (Gemma)
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": linear|dynamic|llama3|yarn, "factor": ..., ...}
+    sliding_window: int | None = None  # attention window; the engine serves at most this much context
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(f"config field 'hidden_size' ({self.hidden_size}) must be divisible by "
+                                  f"'num_attention_heads' ({self.num_attention_heads}), or 'head_dim' given")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.attention_bias is None:
+            self.attention_bias = self.bias
+        if self.qkv_bias is None:
+            self.qkv_bias = self.attention_bias
+        if self.mlp_bias is None:
+            self.mlp_bias = self.bias
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type", "default") == "default":
+            self.rope_scaling = None
         self.validate()
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
     @property
     def is_encoder_decoder(self) -> bool:
         return self.num_encoder_layers > 0
 
     @property
-    def is_llama_compatible(self) -> bool:
-        """True when Hugging Face's LlamaForCausalLM computes exactly what our model computes."""
-        return (
-            not self.is_encoder_decoder
-            and self.position_embedding == "rope"
-            and self.norm_type == "rmsnorm"
-            and self.norm_position == "pre"
-            and self.activation == "swiglu"
-            and not self.scale_embedding
-        )
+    def gated(self) -> bool:
+        """The feed-forward is down(act(gate(x)) * up(x))."""
+        return self.activation in GATED_ACTIVATIONS
+
+    @property
+    def rope_type(self) -> str:
+        return (self.rope_scaling or {}).get("rope_type", "default")
 
     def validate(self) -> None:
         choices = {
@@ -101,14 +116,9 @@ class ModelConfig(Architecture):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config field '{name}' is {getattr(self, name)!r}; expected one of {allowed}")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "intermediate_size", "max_position_embeddings"):
+                     "num_key_value_heads", "intermediate_size", "max_position_embeddings", "head_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"config field '{name}' must be a positive integer, got {getattr(self, name)!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
-                f"config field 'hidden_size' ({self.hidden_size}) must be divisible by "
-                f"'num_attention_heads' ({self.num_attention_heads})"
-            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"config field 'num_attention_heads' ({self.num_attention_heads}) must be a multiple of "
@@ -116,93 +126,44 @@ class ModelConfig(Architecture):
             )
         if self.position_embedding == "rope" and self.head_dim % 2:
             raise ConfigError(f"rotary positions need an even head dim, got {self.head_dim}")
+        if self.rope_type not in RopeType.__args__:
+            raise ConfigError(f"config field 'rope_type' is {self.rope_type!r}; lmserve supports {RopeType.__args__}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ConfigError(f"config field 'sliding_window' must be a positive integer or null, "
+                              f"got {self.sliding_window!r}")
 
-    # ---- config.json -------------------------------------------------------------------------------
+    # ---- lmserve's config.json ---------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """The Hugging Face-style config.json contents."""
-        d: dict[str, Any] = {
-            "model_type": "llama" if self.is_llama_compatible else "lmserve",
-            "architectures": ["LlamaForCausalLM" if self.is_llama_compatible else "LMServeTransformer"],
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "intermediate_size": self.intermediate_size,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rope_theta": self.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_bias": self.bias,
-            "mlp_bias": self.bias,
-            "hidden_act": "silu" if self.activation == "swiglu" else self.activation,
-            "rms_norm_eps": self.norm_eps,
-            "attention_dropout": self.dropout,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
-            "torch_dtype": self.torch_dtype,
-            "dtype": self.torch_dtype,
-            "is_encoder_decoder": self.is_encoder_decoder,
-        }
-        if not self.is_llama_compatible:
-            d.update(
-                num_encoder_layers=self.num_encoder_layers,
-                position_embedding=self.position_embedding,
-                norm_type=self.norm_type,
-                norm_position=self.norm_position,
-                activation=self.activation,
-                bias=self.bias,
-                scale_embedding=self.scale_embedding,
-                dropout=self.dropout,
-                decoder_start_token_id=self.bos_token_id,
-            )
+        """Every field, as `model_type: "lmserve"` writes them (families.config_json writes a family's form)."""
+        d = {"model_type": "lmserve", "architectures": ["LMServeTransformer"]}
+        d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        d.update(dtype=self.torch_dtype, is_encoder_decoder=self.is_encoder_decoder,
+                 decoder_start_token_id=self.bos_token_id)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Reads a config.json written by lmserve or a Hugging Face Llama config."""
-        model_type = d.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
-                f"config field 'model_type' is {model_type!r}; lmserve reads {list(SUPPORTED_MODEL_TYPES)}"
-            )
+        """Reads `model_type: "lmserve"` config.json contents (older ones spelled norm_eps rms_norm_eps)."""
+        if d.get("model_type") != "lmserve":
+            raise ConfigError(f"config field 'model_type' is {d.get('model_type')!r}, not 'lmserve'")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
             if name not in d:
                 raise ConfigError(f"config.json is missing the required field '{name}'")
-        if model_type == "llama":
-            if d.get("hidden_act", "silu") != "silu":
-                raise ConfigError(f"config field 'hidden_act' is {d['hidden_act']!r}; llama models use 'silu'")
-            rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-            if rope.get("rope_type", rope.get("type", "default")) != "default":
-                raise ConfigError(f"config field 'rope_parameters' asks for {rope.get('rope_type')!r} "
-                                  "rotary scaling; lmserve supports only the default")
-            if d.get("attention_bias", False) != d.get("mlp_bias", False):
-                raise ConfigError("config fields 'attention_bias' and 'mlp_bias' must agree")
-            extra = dict(position_embedding="rope", norm_type="rmsnorm", norm_position="pre",
-                         activation="swiglu", bias=bool(d.get("attention_bias", False)),
-                         dropout=float(d.get("attention_dropout", 0.0)))
-        else:
-            extra = {k: d[k] for k in ("num_encoder_layers", "position_embedding", "norm_type", "norm_position",
-                                       "activation", "bias", "scale_embedding", "dropout") if k in d}
-        if "head_dim" in d and d["head_dim"] * d["num_attention_heads"] != d["hidden_size"]:
-            raise ConfigError("config field 'head_dim' must equal hidden_size / num_attention_heads")
         known = {f.name for f in dataclasses.fields(cls)}
-        common = {k: d[k] for k in known if k in d and k not in extra}
-        if "rope_theta" in (d.get("rope_parameters") or {}):  # transformers >= 5 nests it
-            common["rope_theta"] = d["rope_parameters"]["rope_theta"]
+        values = {k: d[k] for k in known if k in d}
+        if "rms_norm_eps" in d and "norm_eps" not in d:
+            values["norm_eps"] = d["rms_norm_eps"]
+        if "rope_parameters" in d and "rope_theta" in d["rope_parameters"]:
+            values["rope_theta"] = d["rope_parameters"]["rope_theta"]
         if "torch_dtype" not in d and "dtype" in d:
-            common["torch_dtype"] = d["dtype"]
-        if "rms_norm_eps" in d:
-            common["norm_eps"] = d["rms_norm_eps"]
-        if isinstance(common.get("eos_token_id"), list):  # HF allows several; the first is the main one
-            common["eos_token_id"] = common["eos_token_id"][0]
-        if common.get("torch_dtype") not in DTYPES:
-            common["torch_dtype"] = "float32"
+            values["torch_dtype"] = d["dtype"]
+        if values.get("torch_dtype") not in DTYPES:
+            values["torch_dtype"] = "float32"
+        if isinstance(values.get("eos_token_id"), list):
+            values["eos_token_id"] = values["eos_token_id"][0] if values["eos_token_id"] else None
         try:
-            return cls(**common, **extra)
+            return cls(**values)
         except TypeError as e:
             raise ConfigError(f"config.json: {e}") from e
 

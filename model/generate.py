@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 
@@ -27,16 +27,18 @@ def greedy_generate(
     model: Transformer,
     prompt_ids: list[int],
     max_new_tokens: int,
-    eos_id: int | None = None,
+    eos_id: int | Collection[int] | None = None,
     source_ids: list[int] | None = None,
     on_token: Callable[[int], None] | None = None,
 ) -> list[int]:
-    """Greedy decoding with a KV cache: the new token ids (stopping after EOS, which is not returned).
+    """Greedy decoding with a KV cache: the new token ids (stopping after EOS, which is not returned; `eos_id` may
+    be several ids).
 
     For encoder-decoder models `source_ids` is the encoder input and `prompt_ids` the decoder prefix
     (usually just [BOS])."""
     if not prompt_ids:
         raise ValueError("prompt_ids must hold at least one token")
+    stop_ids = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
     device = model.device
     max_len = min(len(prompt_ids) + max_new_tokens, model.config.max_position_embeddings)
     cache_kwargs = {}
@@ -59,7 +61,7 @@ def greedy_generate(
     for _ in range(max_new_tokens):
         last = torch.tensor([tokens.shape[1] - 1], device=device)
         next_id = int(model(tokens, positions, CacheRows(cache), logits_at=last).argmax(-1))
-        if next_id == eos_id:
+        if next_id in stop_ids:
             break
         out.append(next_id)
         if on_token is not None:
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         if not prompt_ids and gen.bos_token_id is not None:
             prompt_ids = [gen.bos_token_id]
         sys.stdout.write(args.prompt)
-    greedy_generate(ckpt.model, prompt_ids, args.max_new_tokens, eos_id=gen.eos_token_id, source_ids=source_ids,
+    greedy_generate(ckpt.model, prompt_ids, args.max_new_tokens, eos_id=gen.eos_token_ids, source_ids=source_ids,
                     on_token=lambda t: sys.stdout.write(detok.push(t)) and sys.stdout.flush())
     sys.stdout.write(detok.flush() + "\n")
 

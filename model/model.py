@@ -32,32 +32,83 @@ from model.kv_cache import CacheRows, KVCache, Ragged
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """x / rms(x) * weight; with `unit_offset` (Gemma) the stored weight is the scale minus 1, applied in fp32."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()  # statistics in fp32 even for bf16/fp16 activations
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (h * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or config.hidden_size
     if config.norm_type == "rmsnorm":
-        return RMSNorm(config.hidden_size, config.norm_eps)
-    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.bias)
+        return RMSNorm(dim, config.norm_eps, config.norm_unit_offset)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
 # ---- positions ------------------------------------------------------------------------------------------
 
 
-def rope_table(head_dim: int, max_positions: int, theta: float) -> torch.Tensor:
+def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """(D/2,) inverse frequencies of the rotation and the factor cos and sin are scaled by, for the config's rotary
+    scaling (`rope_scaling`), computed as transformers computes them:
+    - default; dynamic (NTK), which equals default up to max_position_embeddings, the most context served;
+    - linear: positions divided by `factor`;
+    - llama3: low frequencies divided by `factor`, high ones kept, a smooth blend between;
+    - yarn: interpolated and extrapolated frequencies blended by a ramp, cos/sin scaled by `attention_factor`."""
+    dim, base, scaling = config.head_dim, config.rope_theta, config.rope_scaling or {}
+    rope_type = config.rope_type
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if rope_type in ("default", "dynamic"):
+        return inv_freq, 1.0
+    factor = scaling.get("factor")
+    if rope_type == "linear":
+        return inv_freq / factor, 1.0
+    original = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
+    if rope_type == "llama3":
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= original / high) & (wavelen <= original / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn
+    if factor is None:
+        factor = config.max_position_embeddings / original
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+    low, high = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    extrapolated = 1 - ramp
+    return inv_freq / factor * (1 - extrapolated) + inv_freq * extrapolated, float(attention_factor)
+
+
+def rope_table(config: ModelConfig) -> torch.Tensor:
     """(max_positions, 2, head_dim): cos and sin of each position's rotation angles (Llama's half-split layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    angles = torch.outer(torch.arange(max_positions).float(), inv_freq)  # (P, D/2)
+    inv_freq, attention_factor = rope_frequencies(config)
+    angles = torch.outer(torch.arange(config.max_position_embeddings).float(), inv_freq)  # (P, D/2)
     angles = torch.cat((angles, angles), dim=-1)  # (P, D)
-    return torch.stack((angles.cos(), angles.sin()), dim=1)
+    return torch.stack((angles.cos(), angles.sin()), dim=1) * attention_factor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -110,11 +161,14 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         self.dropout = config.dropout
-        dim, bias = config.hidden_size, config.bias
-        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
+        dim, qkv_bias = config.hidden_size, config.qkv_bias
+        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=config.attention_bias)
+        use_qk_norm = config.qk_norm and not cross
+        self.q_norm = make_norm(config, self.head_dim) if use_qk_norm else None  # (Qwen3) over each head
+        self.k_norm = make_norm(config, self.head_dim) if use_qk_norm else None
 
     def heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
         B, T, _ = t.shape
@@ -125,6 +179,15 @@ class Attention(nn.Module):
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.heads(self.q_proj(x), self.n_heads), *self.project_kv(x)
+
+    def self_qkv(self, x: torch.Tensor, ctx: PassContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention's queries, keys and values: projected, each head normed (qk_norm) and rotated (RoPE)."""
+        q, k, v = self.project_qkv(x)  # (B, H, T, D), (B, Hkv, T, D) x 2
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if ctx.rope is not None:
+            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                is_causal: bool) -> torch.Tensor:
@@ -137,7 +200,8 @@ class Attention(nn.Module):
                 ) -> torch.Tensor:
         """(B, T, C) -> (B, T, C), or (B, 1, C) with `logits_at` (B,): only that position's query per row (every
         position's keys and values still go into the cache)."""
-        B, T, C = x.shape
+        B, T, _ = x.shape
+        C = self.n_heads * self.head_dim
         if ctx.ragged is not None:
             y = self.ragged_attention(x, ctx, layer, logits_at)  # (1, H, T', D)
             return self.o_proj(y.transpose(1, 2).reshape(1, y.shape[2], C))
@@ -150,9 +214,7 @@ class Attention(nn.Module):
             else:
                 k, v = ctx.cache.cross(layer, ctx.rows, B, ctx.cross_mask.shape[-1])
         else:
-            q, k, v = self.project_qkv(x)  # (B, H, T, D), (B, Hkv, T, D) x 2
-            if ctx.rope is not None:
-                q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+            q, k, v = self.self_qkv(x, ctx)  # (B, H, T, D), (B, Hkv, T, D) x 2
             if ctx.cache is not None:
                 k, v = ctx.cache.update(layer, ctx.rows, ctx.write_index, k, v, ctx.kv_len)
         if logits_at is not None:
@@ -177,9 +239,7 @@ class Attention(nn.Module):
             q = self.heads(self.q_proj(x), self.n_heads)  # (1, H, T, D)
             ends, k_cache, v_cache, firsts = ctx.source_lengths, cache.cross_k[layer], cache.cross_v[layer], None
         else:
-            q, k, v = self.project_qkv(x)  # (1, H, T, D), (1, Hkv, T, D) x 2
-            if ctx.rope is not None:
-                q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+            q, k, v = self.self_qkv(x, ctx)  # (1, H, T, D), (1, Hkv, T, D) x 2
             cache.write(layer, ctx.write_index, k, v)
             ends, k_cache, v_cache = r.ends, cache.k[layer], cache.v[layer]
             if logits_at is not None:
@@ -196,19 +256,21 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Position-wise FFN: down(act(up(x))), or down(silu(gate(x)) * up(x)) for SwiGLU."""
+    """Position-wise FFN: down(act(up(x))), or down(act(gate(x)) * up(x)) when gated (SwiGLU: SiLU, GeGLU: GELU)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        dim, hidden, bias = config.hidden_size, config.intermediate_size, config.bias
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias) if config.activation == "swiglu" else None
+        dim, hidden, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias) if config.gated else None
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        gelu_tanh = lambda h: F.gelu(h, approximate="tanh")  # noqa: E731
         self.act: Callable[[torch.Tensor], torch.Tensor] = {
             "relu": F.relu,
             "gelu": F.gelu,
-            "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+            "gelu_tanh": gelu_tanh,
             "swiglu": F.silu,
+            "geglu": gelu_tanh,
         }[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -319,7 +381,7 @@ class Transformer(nn.Module):
         c = self.config
         rope = sinusoid = None
         if c.position_embedding == "rope":
-            rope = rope_table(c.head_dim, c.max_position_embeddings, c.rope_theta).to(device)
+            rope = rope_table(c).to(device)
         elif c.position_embedding == "sinusoidal":
             sinusoid = sinusoidal_table(c.max_position_embeddings, c.hidden_size).to(device)
         self.register_buffer("rope", rope, persistent=False)
@@ -333,7 +395,9 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(ids) * self.embed_scale  # (B, T, C)
+        x = self.embed_tokens(ids)  # (B, T, C)
+        if self.embed_scale != 1.0:  # the scale rounded to the weights' dtype first, as Gemma does
+            x = x * float(torch.tensor(self.embed_scale, dtype=x.dtype))
         safe_positions = positions.clamp(min=0)
         if self.embed_positions is not None:
             x = x + self.embed_positions(safe_positions)

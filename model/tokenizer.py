@@ -13,6 +13,8 @@ lmserve needs on top of it:
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from collections.abc import Iterable, Sequence
 
@@ -31,6 +33,15 @@ _EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<|endoftext|>")
 _PAD_CANDIDATES = (PAD_TOKEN, "<pad>")
 
 _REPLACEMENT_CHAR = "\ufffd"
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+
+
+def _token_string(value: object) -> str | None:
+    """A special token as tokenizer_config.json gives it: a string, or {"content": string, ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
 
 
 class Tokenizer:
@@ -41,9 +52,44 @@ class Tokenizer:
     in a third-party tokenizer.json therefore has no effect here.
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer) -> None:
+    def __init__(self, backend: tokenizers.Tokenizer, config: dict | None = None) -> None:
+        """`config`: the checkpoint's tokenizer_config.json, whose bos/eos/pad token strings (when given) name the
+        special tokens, whose `add_bos_token` says whether prompts start with BOS, and whose `chat_template` is
+        kept for chat formatting."""
         self.backend = backend
+        self.config = dict(config or {})
         self._literal_backend: tokenizers.Tokenizer | None = None
+        self.chat_template: str | None = self.config.get("chat_template")
+
+    @classmethod
+    def from_directory(cls, directory: str | os.PathLike) -> Tokenizer:
+        """tokenizer.json, with tokenizer_config.json when the directory has one."""
+        directory = os.fspath(directory)
+        config_path = os.path.join(directory, CONFIG_FILE)
+        config = None
+        if os.path.isfile(config_path):
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+            if not isinstance(config, dict):
+                raise ValueError(f"{config_path} must hold a JSON object")
+        return cls(tokenizers.Tokenizer.from_file(os.path.join(directory, TOKENIZER_FILE)), config)
+
+    def save_directory(self, directory: str | os.PathLike, model_max_length: int | None = None) -> None:
+        """tokenizer.json and the tokenizer_config.json transformers' AutoTokenizer reads (special tokens, BOS)."""
+        directory = os.fspath(directory)
+        self.save(os.path.join(directory, TOKENIZER_FILE))
+        token = self.backend.id_to_token
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                  **self.config,
+                  "bos_token": None if self.bos_id is None else token(self.bos_id),
+                  "eos_token": None if self.eos_id is None else token(self.eos_id),
+                  "pad_token": None if self.pad_id is None else token(self.pad_id),
+                  "add_bos_token": self.adds_bos}
+        if model_max_length is not None:
+            config["model_max_length"] = model_max_length
+        with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+            f.write("\n")
 
     @property
     def literal_backend(self) -> tokenizers.Tokenizer:
@@ -111,7 +157,10 @@ class Tokenizer:
         """Number of token ids, including added/special tokens (size the embedding with this)."""
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def _first_id(self, candidates: Sequence[str]) -> int | None:
+    def _first_id(self, candidates: Sequence[str], role: str) -> int | None:
+        named = _token_string(self.config.get(f"{role}_token"))
+        if named is not None:  # tokenizer_config.json names it
+            return self.backend.token_to_id(named)
         for token in candidates:
             token_id = self.backend.token_to_id(token)
             if token_id is not None:
@@ -121,17 +170,27 @@ class Tokenizer:
     @property
     def bos_id(self) -> int | None:
         """Id of the beginning-of-sequence token, or None if the vocabulary has none."""
-        return self._first_id(_BOS_CANDIDATES)
+        return self._first_id(_BOS_CANDIDATES, "bos")
 
     @property
     def eos_id(self) -> int | None:
         """Id of the end-of-sequence token, or None if the vocabulary has none."""
-        return self._first_id(_EOS_CANDIDATES)
+        return self._first_id(_EOS_CANDIDATES, "eos")
 
     @property
     def pad_id(self) -> int | None:
         """Id of the padding token, or None if the vocabulary has none."""
-        return self._first_id(_PAD_CANDIDATES)
+        return self._first_id(_PAD_CANDIDATES, "pad")
+
+    @functools.cached_property
+    def adds_bos(self) -> bool:
+        """Whether a prompt starts with BOS, as transformers' tokenizer(text) does it: tokenizer_config.json's
+        `add_bos_token` when given, else whether tokenizer.json's post-processor puts one first."""
+        if isinstance(self.config.get("add_bos_token"), bool):
+            return self.config["add_bos_token"] and self.bos_id is not None
+        if self.bos_id is None or self.backend.post_processor is None:
+            return False
+        return self.backend.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
 
     @property
     def special_ids(self) -> frozenset[int]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from model.checkpoint import load_checkpoint
+from model.families import family_of
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = {"default": "python-stdlib", "seq2seq-numbers": "numbers-to-words"}
@@ -35,7 +36,7 @@ def test_bundled_checkpoint_loads_and_its_card_is_complete(name):
 
 def test_default_model_is_modern_decoder_only_and_small():
     config = load_checkpoint(ROOT / "checkpoints" / "default").config
-    assert not config.is_encoder_decoder and config.is_llama_compatible and config.tie_word_embeddings
+    assert not config.is_encoder_decoder and family_of(config) == "llama" and config.tie_word_embeddings
     size = sum(p.stat().st_size for p in (ROOT / "checkpoints" / "default").iterdir() if p.suffix != ".png")
     assert size <= 25_000_000
 

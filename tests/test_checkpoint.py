@@ -35,7 +35,7 @@ def test_save_load_round_trip_is_bit_exact_and_keeps_ties(tmp_path, tokenizer, v
     generation = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, temperature=0.7, top_p=0.9)
     save_checkpoint(tmp_path, model, tokenizer, generation)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     assert (tmp_path / "model.safetensors").stat().st_mode & 0o044 == 0o044  # readable by a server's own user
 
     loaded = load_checkpoint(tmp_path)
@@ -149,9 +149,12 @@ def test_unexpected_tensor_is_named(saved):
         load_checkpoint(saved)
 
 
-def test_dtype_mismatch_is_named(saved):
+def test_float_tensors_of_another_dtype_are_converted_and_others_named(saved):
     _edit_tensors(saved, lambda t: t.update({"model.norm.weight": t["model.norm.weight"].half()}))
-    with pytest.raises(CheckpointError, match="tensor 'model.norm.weight' is float16, config.json says"):
+    model = load_checkpoint(saved).model  # float16 among float32: read into the dtype served
+    assert model.norm.weight.dtype is torch.float32
+    _edit_tensors(saved, lambda t: t.update({"model.norm.weight": t["model.norm.weight"].double()}))
+    with pytest.raises(CheckpointError, match="tensor 'model.norm.weight' is F64; lmserve reads"):
         load_checkpoint(saved)
 
 

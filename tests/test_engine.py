@@ -156,7 +156,7 @@ def test_eos_stop_tokens_and_max_new_tokens(engine_factory, tokenizer):
     params = GenerationParams(max_new_tokens=12, temperature=0, ignore_eos=True)
     ids = tokens_of(run(engine, [GenerationRequest(prompt, params)])[0])
     assert len(ids) == 12
-    engine.eos_id = ids[4]  # pretend the 5th greedy token is EOS
+    engine.eos_ids = frozenset({ids[4]})  # pretend the 5th greedy token is EOS
     first = ids.index(ids[4])
     out = run(engine, [GenerationRequest(prompt, GenerationParams(max_new_tokens=12, temperature=0))])[0]
     assert out[-1].finish_reason is FinishReason.STOP and tokens_of(out) == ids[:first]

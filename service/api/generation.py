@@ -82,7 +82,7 @@ class Serving:
                 raise APIError(400, f"{param}: the source has {len(source)} tokens; the limit is {self.max_seq_len}",
                                param=param, code="context_length_exceeded")
             return Prompt([self.start_id], source, text)
-        ids = tok.encode(text, allow_special=False)
+        ids = tok.encode(text, add_bos=tok.adds_bos, allow_special=False)  # BOS first where transformers puts it
         if not ids:
             if tok.bos_id is None:
                 raise APIError(400, f"{param}: the prompt is empty", param=param, code="invalid_value")

@@ -162,7 +162,8 @@ async def tokenize(body: TokenizeRequest, serving: ServingDep) -> JSONResponse:
     its end-of-sequence token, as in generation."""
     tok = serving.tokenizer
     add_eos = serving.engine.is_encoder_decoder and tok.eos_id is not None
-    ids = tok.encode(body.prompt, add_eos=add_eos, allow_special=False)
+    add_bos = tok.adds_bos and not serving.engine.is_encoder_decoder
+    ids = tok.encode(body.prompt, add_bos=add_bos, add_eos=add_eos, allow_special=False)
     return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": serving.max_seq_len})
 
 

@@ -111,7 +111,12 @@ class Engine:
         self.tokenizer = checkpoint.tokenizer
         self.max_seq_len = min(self.config.max_seq_len or model_config.max_position_embeddings,
                                model_config.max_position_embeddings)
-        self.eos_id = checkpoint.generation.eos_token_id
+        window = model_config.sliding_window
+        if window is not None and window < self.max_seq_len:  # up to the window, full attention is the same
+            log.warning("the model attends over a sliding window of %d tokens: serving %d tokens of context, not %d",
+                        window, window, self.max_seq_len)
+            self.max_seq_len = window
+        self.eos_ids = frozenset(checkpoint.generation.eos_token_ids)  # each of them ends a generation
         self.vocab_size = model_config.vocab_size
         self.is_encoder_decoder = model_config.is_encoder_decoder
         self.runner = ModelRunner(checkpoint.model, self.config.max_batch_size, self.max_seq_len,
@@ -417,7 +422,7 @@ class Engine:
     def _accept(self, active: _Active, token: int, logprob: TokenLogprob | None) -> None:
         """Adds a sampled token to its request: stop checks, detokenization, streaming."""
         params = active.request.params
-        if (token == self.eos_id and not params.ignore_eos) or token in params.stop_token_ids:
+        if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
             self._finish(active, FinishReason.STOP)
             return
         active.output_ids.append(token)

@@ -12,7 +12,8 @@ import ctypes
 
 PANEL = 16  # outputs per packed panel of a linear layer's weights (cpu.h)
 HEADS_AT_ONCE = 4  # heads a thread attends side by side, each needing its own row of scores (cpu.h)
-ACTIVATIONS = {"gelu_tanh": 1, "swiglu": 2, "relu": 3}  # ModelConfig.activation -> the kernels' ACT_ kind (cpu.h)
+# ModelConfig.activation -> the kernels' ACT_ kind (cpu.h); geglu is tanh-GELU on the gate
+ACTIVATIONS = {"gelu_tanh": 1, "swiglu": 2, "relu": 3, "geglu": 1}
 
 _int64, _float, _int32, _pointer = ctypes.c_int64, ctypes.c_float, ctypes.c_int32, ctypes.c_void_p
 

@@ -28,9 +28,10 @@ from service.backends.cpu.library import CpuKernels
 
 def decode_step_support(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> tuple[bool, str | None]:
     """Whether decode_step.c computes this model's decode step, and if not, why. It implements decoder-only,
-    pre-norm float32 models on the CPU: learned, sinusoidal or rotary positions (scaled embeddings or not),
-    LayerNorm or RMSNorm, GELU (tanh form), ReLU or SwiGLU feed-forwards, grouped-query attention, biases or none,
-    tied or untied output layers."""
+    pre-norm float32 models on the CPU: learned, sinusoidal or rotary positions (any rotary scaling, scaled
+    embeddings or not), LayerNorm or RMSNorm (with Gemma's unit offset), GELU (tanh form), ReLU, SwiGLU or GeGLU
+    feed-forwards, grouped-query attention, any head size, biases or none, tied or untied output layers; not
+    per-head q/k norms (Qwen3)."""
     if device.type != "cpu" or dtype != torch.float32:
         name = str(dtype).removeprefix("torch.")
         return False, f"the C decode step runs float32 on the CPU, not {name} on {device.type}"
@@ -40,6 +41,8 @@ def decode_step_support(config: ModelConfig, dtype: torch.dtype, device: torch.d
         return False, "the C decode step is pre-norm only (a post-norm model)"
     if config.activation not in ACTIVATIONS:
         return False, f"the C decode step has no {config.activation!r} activation"
+    if config.qk_norm:
+        return False, "the C decode step has no per-head q/k norms (qk_norm, as Qwen3)"
     return True, None
 
 
@@ -59,7 +62,7 @@ class CpuDecodeStep:
         self.buffers = {name: torch.empty(rows, size) for name, size in (
             ("x", c.hidden_size), ("mid", c.hidden_size), ("h", c.hidden_size), ("qkv", width),
             ("attn", c.num_attention_heads * c.head_dim), ("ff", c.intermediate_size),
-            ("gated", c.intermediate_size if c.activation == "swiglu" else 0),
+            ("gated", c.intermediate_size if c.gated else 0),
             ("packed", max(c.hidden_size, c.num_attention_heads * c.head_dim, c.intermediate_size)))}
         self.mask = torch.empty(rows * (cache.max_seq_len + 1), dtype=torch.uint8)
         # positions: the learned table, or the sinusoidal one as the embedding adds it (cast once, not per step)

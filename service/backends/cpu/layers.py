@@ -105,7 +105,11 @@ class KernelNorm(nn.Module):
     def __init__(self, norm: nn.LayerNorm | RMSNorm, kernels: CpuKernels) -> None:
         super().__init__()
         self.rms, self.eps, self.kernels = isinstance(norm, RMSNorm), norm.eps, kernels
-        self.weight, self.bias = norm.weight, getattr(norm, "bias", None)
+        weight = norm.weight
+        if getattr(norm, "unit_offset", False):  # a (1 + weight) scale (Gemma) is applied as weight + 1
+            weight = nn.Parameter((weight.detach().float() + 1.0).to(weight.dtype), requires_grad=False)
+        self.weight, self.bias = weight, getattr(norm, "bias", None)
+        self.unit_offset = False  # for RMSNorm.forward, the fallback: the offset is in the weight already
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias

@@ -52,6 +52,8 @@ class KernelAttention(Attention):
         else:
             self.qkv_proj = KernelLinear([attention.q_proj, attention.k_proj, attention.v_proj], library)
         self.o_proj = KernelLinear(attention.o_proj, library)
+        self.q_norm, self.k_norm = (None if n is None else KernelNorm(n, library) if swappable_norm(n) else n
+                                    for n in (attention.q_norm, attention.k_norm))
         self.decode_attention = DecodeAttention(library) if decoder else None
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
