@@ -168,7 +168,9 @@ def _weight_files(directory: Path) -> list[Path]:
 def _load_weights(files: list[Path], model: Transformer, family: str, dtype: torch.dtype,
                   device: torch.device) -> dict[str, torch.Tensor]:
     """Reads and checks every tensor against the (meta-device) model, one at a time from the memory map, each cast
-    to `dtype` on `device` as it is read."""
+    to `dtype` on `device` as it is read. A tensor that is copied (converted to another dtype, moved to another
+    device, transposed) is read through a memory map of its own, closed once it is copied: the pages of a map left
+    open stay resident, which would add the file's size to the load's peak memory."""
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     with contextlib.ExitStack() as stack:
@@ -193,7 +195,14 @@ def _load_weights(files: list[Path], model: Transformer, family: str, dtype: tor
         for stored in expected:
             path = where[stored.name]
             try:
-                state.update(_read_tensor(handles[path], stored, shapes, dtype, device, path))
+                stored_dtype = _SAFETENSORS_DTYPES.get(handles[path].get_slice(stored.name).get_dtype())
+                copied = (stored_dtype != str(dtype).removeprefix("torch.") or device.type != "cpu"
+                          or stored.transpose or len(stored.parts) > 1)
+                if copied:  # converted, moved, transposed or split
+                    with safe_open(str(path), framework="pt", device="cpu") as own:
+                        state.update(_read_tensor(own, stored, shapes, dtype, device, path))
+                else:  # kept as stored: the tensors are views of the map, which stays open as long as they live
+                    state.update(_read_tensor(handles[path], stored, shapes, dtype, device, path))
             except SafetensorError as e:
                 raise CheckpointError(f"{path} is truncated or corrupt: {e}") from e
     return state
