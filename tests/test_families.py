@@ -17,10 +17,13 @@ from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.families import family_of
 from service.engine.engine import Engine, EngineConfig
 from service.engine.request import GenerationParams, GenerationRequest
+from service.settings import Settings
 from tests.support.kernels import CAN_BUILD
-from tests.support.live_server import tokenizer
+from tests.support.live_server import LiveServer, tokenizer
+from tests.support.models import make_model
 
 transformers = pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[1]
 
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -230,3 +233,39 @@ def test_qwen2_sliding_windows_and_pickle_checkpoints_are_refused(tmp_path):
     (directory / "model.safetensors").rename(directory / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="pytorch_model.bin: pickle checkpoints are never loaded"):
         load_checkpoint(directory)
+
+
+@torch.no_grad()
+def test_the_bundled_model_and_our_gpt2_layout_load_in_transformers(tmp_path):
+    bundled = ROOT / "checkpoints" / "default"
+    ours = load_checkpoint(bundled)
+    x = ids(length=16) % ours.config.vocab_size
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(bundled).eval()
+    assert (theirs(x).logits - ours.model(x)).abs().max() <= 1e-4
+    text = "def fibonacci(n):\n    return n"
+    assert transformers.AutoTokenizer.from_pretrained(bundled)(text).input_ids == ours.tokenizer.encode(text)
+
+    gpt2 = make_model("gpt2", vocab_size=tokenizer().vocab_size)
+    assert family_of(gpt2.config) == "gpt2"
+    directory = save_checkpoint(tmp_path / "gpt2", gpt2, tokenizer())
+    assert json.loads((directory / "config.json").read_text())["model_type"] == "gpt2"
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    assert (theirs(ids()).logits - gpt2(ids())).abs().max() <= 1e-4
+
+
+def test_lmserve_serve_serves_a_transformers_checkpoint_as_it_is(tmp_path):
+    theirs = hf_model("qwen3")
+    directory = save_hf(theirs, tmp_path / "qwen3")
+    server = LiveServer(Settings(model=directory, max_batch_size=2)).wait_ready()
+    try:
+        prompt = "def add(a, b):"
+        response = server.client.post("/generate", json={"prompt": prompt, "max_new_tokens": 8, "temperature": 0,
+                                                         "ignore_eos": True})
+        assert response.status_code == 200, response.text
+        expected = hf_greedy(theirs, tokenizer().encode(prompt), 8)
+        assert response.json()["outputs"][0]["token_ids"] == expected
+        info = server.client.get("/info").json()
+        reason = info["backend"]["decode_fallback_reason"]  # the C decode step has no per-head q/k norms
+        assert reason is not None and ("qk_norm" in reason or not CAN_BUILD)
+    finally:
+        server.stop()
