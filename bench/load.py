@@ -72,6 +72,8 @@ class LoadOptions:
     timeout: float = _flag(120.0, "total seconds one request may take")
     idle_timeout: float = _flag(30.0, "seconds to wait after the load for 0 running and 0 waiting")
     seed: int = _flag(0, "seed of the request mix")
+    backoff: float = _flag(1.0, "most seconds a client waits after a 503, as Retry-After asks (clients such as "
+                                "openai's do); 0: retry at once")
 
 
 @dataclass
@@ -85,6 +87,7 @@ class RequestResult:
     ttft: float | None = None
     gaps: list[float] = field(default_factory=list)
     token_ids: list[int] | None = None
+    retry_after: float = 0.0  # a 503's Retry-After header, in seconds
 
     @property
     def error(self) -> bool:
@@ -210,6 +213,8 @@ async def send(client: httpx.AsyncClient, path: str, body: dict, cut: int | None
         await asyncio.wait_for(_exchange(client, path, body, cut, result, start), timeout)
     except httpx.HTTPStatusError as e:
         result.outcome = f"status:{e.response.status_code}"
+        with contextlib.suppress(ValueError):
+            result.retry_after = float(e.response.headers.get("retry-after", 0))
     except Exception as e:  # transport errors, timeouts, bad JSON: counted by type, the load goes on
         result.outcome = f"exception:{type(e).__name__}"
     result.finished = time.perf_counter() - t0
@@ -278,6 +283,8 @@ async def run_load(url: str, options: LoadOptions,
                     probes[0] += result.token_ids == reference[0]
                     probes[1] += 1
                 result.token_ids = None  # only probes need them; a soak keeps every result
+                if result.retry_after and options.backoff:
+                    await asyncio.sleep(min(result.retry_after, options.backoff, max(0, deadline - time.monotonic())))
                 if on_result is not None:
                     on_result(result)
 
