@@ -15,6 +15,7 @@ from service.api import ROUTERS
 from service.api.errors import install_error_handlers
 from service.api.lifecycle import ServerState
 from service.api.middleware import AccessLog, ApiKey, BodyLimit
+from service.api.openapi import document_errors
 from service.engine.engine import Engine
 from service.settings import Settings
 
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, *
     ])
     app.state.lmserve = state
     install_error_handlers(app)
+    document_errors(app)
     for router in ROUTERS:
         app.include_router(router)
     return app

@@ -1,13 +1,16 @@
 """One error shape for every failure, OpenAI style: `{"error": {"message", "type", "param", "code"}}`.
 
-Routes raise `APIError`; the handlers here turn it, FastAPI's validation errors and Starlette's 404/405 into that
-shape, so clients (the `openai` package included) can always read `error.message` and `error.param`.
+Routes raise `APIError`; the handlers here turn it, FastAPI's validation errors, a body that is not JSON text and
+Starlette's 404/405 into that shape, so clients (the `openai` package included) can always read `error.message` and
+`error.param`. `openapi.document_errors` makes the OpenAPI document say the same: every status each operation can
+answer, with this shape, and not FastAPI's 422 (a validation error here is a 400).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +27,9 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}  # pydantic's union-member loc entries
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LEADING_FIELD = re.compile(r"^([a-z_]+)\b:?\s*")
+_FIELD_PART = re.compile(r"[.\[]")
+# pydantic's messages that say less than they could
+_MESSAGES = {"string_unicode": "must be valid Unicode text (it holds a lone surrogate)"}
 
 
 class APIError(Exception):
@@ -82,6 +88,11 @@ def _param_of(loc: tuple[Any, ...]) -> str | None:
     return "".join(parts) or None
 
 
+def _field(param: str | None) -> str | None:
+    """'stop[3]' -> 'stop', 'stream_options.include_usage' -> 'stream_options'."""
+    return _FIELD_PART.split(param, 1)[0] if param else None
+
+
 def validation_error(exc: RequestValidationError) -> APIError:
     """FastAPI's list of pydantic errors -> one 400 naming the first bad field (union alternatives merged)."""
     errors = list(exc.errors())
@@ -98,14 +109,45 @@ def validation_error(exc: RequestValidationError) -> APIError:
         if first.get("type") in ("model_attributes_type", "dict_type"):
             return APIError(400, "the body must be a JSON object (Content-Type: application/json)",
                             code="invalid_body")
+    # A union's alternatives each report an error. Those of the input's own type (a list of 1000 stop strings:
+    # "at most 16 items") say more than the type mismatches of the others ("should be a valid string").
+    field = _field(param)
+    related = [e for e in errors if _field(_param_of(tuple(e.get("loc", ())))) == field]
+    specific = [e for e in related if not str(e.get("type", "")).endswith("_type")]
+    if specific and len(specific) < len(related):
+        errors, first = specific, specific[0]
+        param = _param_of(tuple(first.get("loc", ())))
     messages: list[str] = []
     for error in errors:
-        if _param_of(tuple(error.get("loc", ()))) == param and error.get("msg") not in messages:
-            messages.append(error["msg"])
+        message = _MESSAGES.get(error.get("type"), error.get("msg"))
+        if _param_of(tuple(error.get("loc", ()))) == param and message not in messages:
+            messages.append(message)
     return APIError(400, f"{param}: {' or '.join(messages)}", param=param, code=first.get("type"))
 
 
+def unparsable_body(exc: StarletteHTTPException) -> APIError | None:
+    """FastAPI answers a bare 400 "There was an error parsing the body" (no code) when json.loads fails other than
+    with a JSONDecodeError: bytes that are not UTF-8 text, nesting deeper than the parser recurses, an integer of
+    more digits than Python converts. Each is a body that is not JSON as the server reads it: invalid_json."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or cause is None:
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        why = f"it is not UTF-8 text ({cause.reason} at byte {cause.start})"
+    elif isinstance(cause, RecursionError):
+        why = "it nests deeper than the parser goes"
+    elif isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        why = f"a number has more than {sys.get_int_max_str_digits()} digits"
+    elif isinstance(cause, ValueError):
+        why = str(cause)
+    else:
+        return None
+    return APIError(400, f"the body is not valid JSON: {why}", code="invalid_json")
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    """The handlers that give every failure the error shape (service/api/openapi.py documents them)."""
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
@@ -116,6 +158,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        unparsable = unparsable_body(exc)
+        if unparsable is not None:
+            return unparsable.response()
         status = exc.status_code
         message = {404: f"no route {request.url.path}",
                    405: f"method {request.method} is not allowed on {request.url.path}"}.get(status, str(exc.detail))

@@ -95,6 +95,9 @@ class Serving:
                            param=param, code="invalid_value")
         if not ids:
             raise APIError(400, f"{param}: the prompt is empty", param=param, code="invalid_value")
+        if len(ids) >= self.max_seq_len:  # before decoding it: a body can hold 200,000 ids
+            raise APIError(400, f"{param}: the prompt has {len(ids)} tokens, which leaves no room in the context "
+                                f"length {self.max_seq_len}", param=param, code="context_length_exceeded")
         bad = next((t for t in ids if not 0 <= t < self.engine.vocab_size), None)
         if bad is not None:
             raise APIError(400, f"{param}: {bad} is not a token id (vocabulary size {self.engine.vocab_size})",

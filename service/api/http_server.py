@@ -108,6 +108,11 @@ class GuardedH11Protocol(H11Protocol):
         self._lingers = True
         self.loop.call_later(self.linger, self.transport.close)
 
+    def send_400_response(self, msg: str) -> None:
+        """Malformed HTTP (no request to route): the JSON error shape, not uvicorn's plain text."""
+        self._answer_and_close(_raw_error(400, "Bad Request", APIError(400, f"{msg.rstrip('.')}: malformed HTTP",
+                                                                       code="invalid_http")))
+
     def _arm_header_timer(self) -> None:
         self._cancel_header_timer()
         self._header_timer = self.loop.call_later(self.header_timeout, self._on_header_timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
@@ -11,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from service.api.deps import DONE, EventStream, ServingDep, check_count, request_id, sse
 from service.api.errors import APIError, error_body
 from service.api.generation import (
+    LONG_TEXT,
     Generation,
     Serving,
     collect,
@@ -22,6 +24,7 @@ from service.api.generation import (
 from service.api.schemas import (
     ERROR_RESPONSES,
     GENERATE_EXAMPLES,
+    GENERATE_SSE,
     NEXT_TOKEN_EXAMPLES,
     DetokenizeRequest,
     DetokenizeResponse,
@@ -36,12 +39,7 @@ from service.engine.admission import EngineError
 from service.engine.request import RequestOutput, TokenLogprob
 
 router = APIRouter(tags=["lmserve"])
-SSE_DOC = {"text/event-stream": {"example": 'data: {"index":0,"text":" n","token_id":299}\n\n'
-                                            'data: {"index":0,"text":"","token_id":null,"finish_reason":"stop",'
-                                            '"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}\n\n'
-                                            "data: [DONE]\n\n"}}
-
-
+LONG_IDS = 20_000  # token ids; more are decoded in a worker thread
 def logprobs_json(serving: Serving, logprobs: list[TokenLogprob]) -> list[dict[str, Any]]:
     text = serving.token_text
     return [{"token_id": lp.token_id, "token": text(lp.token_id), "logprob": lp.logprob,
@@ -50,7 +48,7 @@ def logprobs_json(serving: Serving, logprobs: list[TokenLogprob]) -> list[dict[s
 
 
 @router.post("/generate", summary="Generate text for one prompt or a batch (optionally streamed)",
-             responses={200: {"model": GenerateResponse, "content": SSE_DOC}, **ERROR_RESPONSES})
+             responses={200: {"model": GenerateResponse, "content": GENERATE_SSE}, **ERROR_RESPONSES})
 async def generate(request: Request, body: Annotated[GenerateRequest, Body(openapi_examples=GENERATE_EXAMPLES)],
                    serving: ServingDep) -> Response:
     """Continues each prompt. With `stream: true` the answer is Server-Sent Events: one `data: {json}` per new
@@ -163,7 +161,10 @@ async def tokenize(body: TokenizeRequest, serving: ServingDep) -> JSONResponse:
     tok = serving.tokenizer
     add_eos = serving.engine.is_encoder_decoder and tok.eos_id is not None
     add_bos = tok.adds_bos and not serving.engine.is_encoder_decoder
-    ids = tok.encode(body.prompt, add_bos=add_bos, add_eos=add_eos, allow_special=False)
+    if len(body.prompt) > LONG_TEXT:  # off the event loop, as prompts are
+        ids = await asyncio.to_thread(tok.encode, body.prompt, add_bos, add_eos, False)
+    else:
+        ids = tok.encode(body.prompt, add_bos=add_bos, add_eos=add_eos, allow_special=False)
     return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": serving.max_seq_len})
 
 
@@ -175,4 +176,6 @@ async def detokenize(body: DetokenizeRequest, serving: ServingDep) -> JSONRespon
         if not 0 <= t < vocab:
             raise APIError(400, f"tokens[{i}]: {t} is not a token id (vocabulary size {vocab})", param=f"tokens[{i}]",
                            code="invalid_value")
+    if len(body.tokens) > LONG_IDS:  # off the event loop: the other requests go on meanwhile
+        return JSONResponse({"text": await asyncio.to_thread(serving.tokenizer.decode, body.tokens)})
     return JSONResponse({"text": serving.tokenizer.decode(body.tokens)})

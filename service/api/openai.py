@@ -15,18 +15,25 @@ from service.api.errors import APIError, error_body
 from service.api.generation import Generation, Prompt, Serving, collect, log_fields, unless_disconnected, usage
 from service.api.schemas import (
     COMPLETION_EXAMPLES,
+    COMPLETION_SSE,
     DEFAULT_MAX_TOKENS,
-    ERROR_RESPONSES,
     CompletionRequest,
     CompletionResponse,
-    ErrorResponse,
     ModelCard,
     ModelList,
+    error_responses,
 )
 from service.engine.request import FinishReason, TokenLogprob
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 RENAMES = {"max_new_tokens": "max_tokens"}  # engine name -> OpenAI's
+MAX_LOGGED_USER = 128  # characters of `user` the access log keeps: a client must not make each line a megabyte
+
+
+def _logged_user(user: str | None) -> str | None:
+    if user is None or len(user) <= MAX_LOGGED_USER:
+        return user
+    return f"{user[:MAX_LOGGED_USER]}... ({len(user)} characters)"
 
 
 def _card(serving: Serving) -> dict[str, Any]:
@@ -34,12 +41,13 @@ def _card(serving: Serving) -> dict[str, Any]:
             "max_model_len": serving.max_seq_len}
 
 
-@router.get("/models", summary="The served model", response_model=ModelList)
+@router.get("/models", summary="The served model", response_model=ModelList, responses=error_responses(503))
 async def list_models(serving: ServingDep) -> JSONResponse:
     return JSONResponse({"object": "list", "data": [_card(serving)]})
 
 
-@router.get("/models/{model}", summary="One model", response_model=ModelCard, responses=ERROR_RESPONSES)
+@router.get("/models/{model}", summary="One model", response_model=ModelCard,
+            responses=error_responses(404, 503))
 async def get_model(model: str, serving: ServingDep) -> JSONResponse:
     _check_model(serving, model)
     return JSONResponse(_card(serving))
@@ -91,8 +99,7 @@ class Logprobs:
 
 
 @router.post("/completions", summary="OpenAI completions", responses={
-    200: {"model": CompletionResponse}, 404: {"model": ErrorResponse, "description": "unknown model"},
-    **ERROR_RESPONSES})
+    200: {"model": CompletionResponse, "content": COMPLETION_SSE}, **error_responses(400, 404, 503)})
 async def completions(request: Request,
                       body: Annotated[CompletionRequest, Body(openapi_examples=COMPLETION_EXAMPLES)],
                       serving: ServingDep) -> Response:
@@ -111,7 +118,8 @@ async def completions(request: Request,
     prompts = await serving.prompts(texts)
     requests = serving.requests(prompts, body, names=RENAMES, defaults={"max_new_tokens": DEFAULT_MAX_TOKENS},
                                 choices=body.n)
-    generation = serving.generation(requests, [p.num_tokens for p in prompts for _ in range(body.n)])
+    generation = serving.generation(requests, [p.num_tokens for p in prompts for _ in range(body.n)],
+                                    request_id(request))
     await unless_disconnected(request, generation.start())
     reply = _Reply(serving, body, prompts, "cmpl-" + request_id(request))
     if body.stream:
@@ -127,7 +135,7 @@ async def completions(request: Request,
                         "finish_reason": r.finish_reason.value if r.finish_reason else None})
     completion_tokens = sum(r.completion_tokens for r in results)
     log_fields(request, prompt_tokens=reply.prompt_tokens, completion_tokens=completion_tokens, n=body.n,
-               finish_reason=[c["finish_reason"] for c in choices], user=body.user,
+               finish_reason=[c["finish_reason"] for c in choices], user=_logged_user(body.user),
                timed_out=generation.timed_out or None)
     return JSONResponse({**reply.head, "choices": choices, "usage": usage(reply.prompt_tokens, completion_tokens)})
 
@@ -195,5 +203,5 @@ class _Reply:
             yield DONE
         finally:
             log_fields(request, prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens, n=self.body.n,
-                       finish_reason=reasons, stream=True, user=self.body.user,
+                       finish_reason=reasons, stream=True, user=_logged_user(self.body.user),
                        timed_out=generation.timed_out or None)

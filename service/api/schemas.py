@@ -3,29 +3,51 @@
 The sampling fields, their limits, defaults and descriptions come from the engine's own declarations
 (SamplingParams and GenerationParams, see service/engine/limits.py), so the API and the engine always accept the
 same ranges. The native endpoints reject unknown fields (a typo such as `max_tokens` on /generate is a 400, not
-silently ignored); the OpenAI endpoint ignores them, as clients send vendor extensions freely. Responses are built
-as plain dicts (cheaper than validating every token); the response models here document them.
+silently ignored); the OpenAI endpoint ignores them, as clients send vendor extensions freely. JSON types are taken
+as the OpenAPI document states them: "5" or true for an integer, or 1 for a boolean, is a 400 (pydantic's lax mode
+would coerce them). Responses are built as plain dicts (cheaper than validating every token); the response models
+here document them, and ERROR_RESPONSES and `error_responses` the errors each route answers itself (errors.py adds
+those every route can answer: 401, 408, 413, 500).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Collection, Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic_core import PydanticCustomError
 
 from service.engine.limits import default_of, doc_of, limits_of, type_hints
-from service.engine.request import MAX_STOP_STRINGS, GenerationParams
+from service.engine.request import MAX_STOP_LENGTH, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, GenerationParams
 from service.engine.sampling import MIN_TEMPERATURE, SamplingParams
 
-Stop = str | list[str] | None
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for max_tokens
+# stop_token_ids: at most MAX_STOP_TOKEN_IDS (service/engine/request.py), in the schema too so a huge list is refused
+# before it is even built
+# stop strings are checked against the engine's limits by the engine (GenerationParams.validate: a 400 naming stop)
+Stop = str | list[str] | None
+STOP_DESCRIPTION = (f"a string or up to {MAX_STOP_STRINGS} of them, each 1..{MAX_STOP_LENGTH} characters; the output "
+                    "ends before the first one")
+StopTokenIds = Annotated[list[int], Field(max_length=MAX_STOP_TOKEN_IDS)]
 
 
 class RequestBody(BaseModel):
-    """What every request body shares: its text is valid Unicode. JSON can carry a lone surrogate ("\\ud800"),
-    which no tokenizer or UTF-8 encoder takes: a 400 naming the field, not an error deep inside."""
+    """What every request body shares: JSON types as the schema states them (strict: no "5" for 5, no 1 for true),
+    finite numbers, and valid Unicode text. Python's JSON parser reads NaN, Infinity and 1e309 as floats, which no
+    field takes: "should be a finite number" says so better than "should be <= 100". JSON can carry a lone surrogate
+    ("\\ud800"), which no tokenizer or UTF-8 encoder takes: a 400 naming the field, not an error deep inside."""
+
+    model_config = ConfigDict(strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _finite(cls, value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PydanticCustomError("finite_number", "Input should be a finite number")
+        return value
 
     @field_validator("*")
     @classmethod
@@ -91,8 +113,9 @@ class GenerateRequest(SamplingFields):  # type: ignore[misc, valid-type]
     prompt: str | list[str] = Field(description="text to continue, or a list of them (a batch); for an "
                                                 "encoder-decoder model, the source text")
     max_new_tokens: int = engine_field("max_new_tokens", description="left out: the default, cut to the context left")
-    stop: Stop = Field(None, description=f"up to {MAX_STOP_STRINGS} strings; the output ends before the first one")
-    stop_token_ids: list[int] = Field(default_factory=list, description="token ids that end the output")
+    stop: Stop = Field(None, description=STOP_DESCRIPTION)
+    stop_token_ids: StopTokenIds = Field(default_factory=list, description=f"up to {MAX_STOP_TOKEN_IDS} token ids "
+                                                                           "that end the output")
     ignore_eos: bool = Field(False, description="keep going past the end-of-sequence token")
     stream: bool = Field(False, description="Server-Sent Events, one per new piece of text")
 
@@ -141,8 +164,9 @@ class NextTokenProbsRequest(Strict):
     prompt: str | list[str] = Field(description="text, or a list of texts; for an encoder-decoder model, the "
                                                 "source text")
     top_k: int = Field(10, ge=1, description="how many tokens to return, 1..vocab size")
-    temperature: float = Field(1.0, gt=0, le=100, description=f"softmax temperature, > 0; below {MIN_TEMPERATURE} "
-                               f"computed at {MIN_TEMPERATURE} (the greedy, one-hot distribution)")
+    temperature: float = Field(1.0, gt=0, le=100,
+                               description=f"softmax temperature, > 0; below {MIN_TEMPERATURE} computed at "
+                                           f"{MIN_TEMPERATURE} (the greedy, one-hot distribution)")
     decoder_prefix: str | list[str] | None = Field(None, description="encoder-decoder models only: the output "
                                                                      "so far (one, or one per prompt)")
 
@@ -203,7 +227,7 @@ class DetokenizeResponse(BaseModel):
 
 # ---- OpenAI /v1/completions --------------------------------------------------------------------------------------
 
-class StreamOptions(BaseModel):
+class StreamOptions(Lenient):
     include_usage: bool = False
 
 
@@ -223,7 +247,7 @@ class CompletionRequest(OpenAISamplingFields):  # type: ignore[misc, valid-type]
     max_tokens: int | None = engine_field("max_new_tokens", default=DEFAULT_MAX_TOKENS,
                                           description=f"default {DEFAULT_MAX_TOKENS}")
     n: int = Field(1, ge=1, le=64, description="completions per prompt")
-    stop: Stop = None
+    stop: Stop = Field(None, description=STOP_DESCRIPTION)
     echo: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -231,7 +255,8 @@ class CompletionRequest(OpenAISamplingFields):  # type: ignore[misc, valid-type]
     best_of: int | None = None
     logit_bias: dict[str, float] | None = None
     suffix: str | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: StopTokenIds | None = Field(None, description=f"up to {MAX_STOP_TOKEN_IDS} token ids that end "
+                                                                  "the output")
     ignore_eos: bool = False
 
 
@@ -306,9 +331,88 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "an invalid field (named in error.param)"},
-    401: {"model": ErrorResponse, "description": "missing or wrong API key (when one is configured)"},
-    413: {"model": ErrorResponse, "description": "request body too large"},
-    503: {"model": ErrorResponse, "description": "queue full or model not ready; see Retry-After"},
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+# what each error status means, and its codes: the OpenAPI document's descriptions (see `error_responses`)
+ERRORS: dict[int, dict[str, Any]] = {
+    400: {"description": "an invalid or unknown field (named in error.param; code: pydantic's error type, "
+                         "invalid_value, too_many_prompts, context_length_exceeded, ...), or a body that is not "
+                         "JSON text (invalid_json, missing_body, invalid_body)"},
+    401: {"description": "an API key is configured and none came (missing_api_key) or a wrong one (invalid_api_key)",
+          "headers": {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}},
+    404: {"description": "no model of that name is served (model_not_found)"},
+    408: {"description": "the body did not arrive within the server's body timeout (request_timeout)"},
+    413: {"description": "a body over the server's --max-body-bytes (request_too_large)"},
+    500: {"description": "a bug, logged (internal_error), or the engine failed the request (engine_error)"},
+    503: {"description": "the waiting queue is full (queue_full), the model is loading or failed to load (not_ready, "
+                         "load_failed), or the engine is down (engine_unavailable, engine_dead); see Retry-After",
+          "headers": RETRY_AFTER},
 }
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """FastAPI `responses` entries for these error statuses, each with the error body and its meaning."""
+    return {status: {"model": ErrorResponse, **ERRORS[status]} for status in statuses}
+
+
+# what the routes that take a body answer themselves; the errors any route can answer (401 with an API key, 408
+# and 413 for a body, 500) come from the middleware and openapi.document_errors adds them to every operation
+ERROR_RESPONSES = error_responses(400, 503)
+
+
+# ---- streams (`stream: true`) --------------------------------------------------------------------------------------
+
+class GenerateEvent(BaseModel):
+    """One event of a streamed /generate: the new text of one prompt; its last event has finish_reason and usage
+    (and error, when the engine failed it)."""
+
+    index: int
+    text: str
+    token_id: int | None
+    token_ids: list[int] | None = Field(None, description="when more than one token came at once")
+    logprobs: list[TokenLogprobOut] | None = None
+    finish_reason: Literal["stop", "length", "abort", "error"] | None = None
+    usage: Usage | None = None
+    error: ErrorDetail | None = None
+
+
+class CompletionChunk(CompletionResponse):
+    """One event of a streamed completion: each choice carries its new text. With stream_options.include_usage,
+    `usage` is null until a last event without choices."""
+
+    model_config = ConfigDict(json_schema_extra=None)
+
+
+def sse_content(example: str, *events: type[BaseModel]) -> dict[str, Any]:
+    """The `text/event-stream` content of a streamed 200. Below OpenAPI 3.2 its `schema` describes one event (as
+    schemathesis reads it too): `data` is `[DONE]` or JSON, one of `events` or, should the stream fail after its
+    status was sent, an error body. The events' schemas go in `$defs` here; openapi.document_errors moves them to
+    components."""
+    defs: dict[str, Any] = {}
+    for model in (*events, ErrorResponse):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        defs.update(schema.pop("$defs", {}), **{model.__name__: schema})
+    payload = {"anyOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in (*events, ErrorResponse)]}
+    return {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"], "$defs": defs,
+        "description": "one Server-Sent Event, `data: {json}`; the last one is `data: [DONE]`",
+        "properties": {"data": {"anyOf": [
+            {"const": "[DONE]"},
+            {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}]}}},
+        "example": example}}
+
+
+GENERATE_SSE = sse_content(
+    'data: {"index":0,"text":" n","token_id":299}\n\n'
+    'data: {"index":0,"text":"","token_id":null,"finish_reason":"stop",'
+    '"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}\n\n'
+    "data: [DONE]\n\n", GenerateEvent)
+COMPLETION_SSE = sse_content(
+    'data: {"id":"cmpl-4f1c","object":"text_completion","created":1767225600,"model":"default","choices":[{"index":0,'
+    '"text":" n","logprobs":null,"finish_reason":null}]}\n\n'
+    'data: {"id":"cmpl-4f1c","object":"text_completion","created":1767225600,"model":"default","choices":[{"index":0,'
+    '"text":"","logprobs":null,"finish_reason":"length"}]}\n\n'
+    "data: [DONE]\n\n", CompletionChunk)
+# an event stream documented without a schema (an example only) gets this one
+SSE_EVENT = {"type": "object", "required": ["data"], "description": "one Server-Sent Event, `data: {json}`; the last "
+                                                                    "one is `data: [DONE]`",
+             "properties": {"data": {"type": "string"}}}

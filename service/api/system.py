@@ -12,12 +12,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from service.api.deps import ServingDep
 from service.api.errors import APIError
 from service.api.lifecycle import ServerState
-from service.api.schemas import ErrorResponse
+from service.api.schemas import ErrorResponse, error_responses
 from service.engine.request import MAX_STOP_STRINGS
 from service.engine.sampling import MAX_LOGPROBS
 
 router = APIRouter(tags=["operations"])
-NOT_OK = {503: {"model": ErrorResponse, "description": "see error.message"}}
+NOT_OK = error_responses(503)
+DEAD = {503: {"model": ErrorResponse, "description": "the model failed to load (load_failed) or the engine thread "
+                                                     "died (engine_dead)"}}
 
 
 def _state(request: Request) -> ServerState:
@@ -39,7 +41,7 @@ async def playground() -> HTMLResponse:
 
 
 @router.get("/health", summary="Liveness: 200 while the process and its engine work", responses={
-    200: {"content": {"application/json": {"example": {"status": "ok", "model_status": "ready"}}}}, **NOT_OK})
+    200: {"content": {"application/json": {"example": {"status": "ok", "model_status": "ready"}}}}, **DEAD})
 async def health(request: Request) -> JSONResponse:
     """503 with the reason when the model failed to load or the engine thread died; 200 otherwise, also while
     the model is still loading (use /ready to know when to send traffic)."""

@@ -11,6 +11,7 @@ from service.engine.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
+MAX_STOP_TOKEN_IDS = 256  # more would make every token's stop check of the whole batch slow
 
 
 class FinishReason(str, Enum):
@@ -34,6 +35,8 @@ class GenerationParams(SamplingParams):
         super().validate()
         if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LENGTH for s in self.stop):
             raise ValueError(f"stop: at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_LENGTH} chars")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} token ids")
         bad = [] if vocab_size is None else [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"stop_token_ids: {bad[0]} is not a token id (vocabulary size {vocab_size})")

@@ -55,8 +55,12 @@ def test_a_failing_request_fails_alone_with_a_generic_message_and_the_details_in
     final = bad_stream[-2]
     assert bad_stream[-1] == "[DONE]" and final["finish_reason"] == "error"
     assert "bad-2" in final["error"]["message"] and "Overflow" not in final["error"]["message"]
-    logged = [r.getMessage() for r in caplog.records if "bad-1" in r.getMessage() or "bad-2" in r.getMessage()]
-    assert len(logged) == 2 and all("OverflowError" in line for line in logged)
+    with caplog.at_level(logging.ERROR):
+        openai_bad = server.client.post("/v1/completions", json={"prompt": "x", "max_tokens": 4, "seed": POISONED},
+                                        headers={"x-request-id": "bad-3"})
+    assert openai_bad.status_code == 500 and "bad-3" in openai_bad.json()["error"]["message"]
+    logged = [r.getMessage() for r in caplog.records if any(f"bad-{i}" in r.getMessage() for i in (1, 2, 3))]
+    assert len(logged) == 3 and all("OverflowError" in line for line in logged)
 
     wait_idle(server)
     assert server.client.post("/generate", json=body).json()["outputs"][0]["token_ids"] == alone

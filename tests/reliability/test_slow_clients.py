@@ -207,3 +207,18 @@ def test_a_flood_of_one_log_message_is_held_to_a_few_lines_per_interval():
     later = record("socket.accept() out of system resource", 111.0)
     assert limit.filter(later) and "995 more like this" in later.getMessage()
     assert all(limit.filter(record(f'{{"event": "request", "id": "{i}"}}', 112.0)) for i in range(100))
+
+
+def test_malformed_http_gets_the_json_error_shape(checkpoint):
+    server = LiveServer(Settings(model=checkpoint)).wait_ready()
+    try:
+        for garbage in (b"GARBAGE\r\n\r\n", b"POST /generate HTTP/1.1\r\nno colon here\r\n\r\n",
+                        b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n"):
+            sock = _connect(server)
+            sock.sendall(garbage)
+            status, error = _error_of(_read_all(sock))
+            sock.close()
+            assert (status, error["code"]) == (400, "invalid_http") and error["message"], garbage
+        assert server.client.get("/health").status_code == 200
+    finally:
+        server.stop()
