@@ -3,9 +3,7 @@ load, a dead engine, SIGTERM draining, and the command line."""
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +17,15 @@ import pytest
 from service import cli
 from service.api.lifecycle import load_engine
 from service.settings import Settings
-from tests.support.live_server import LiveServer, assert_error, make_checkpoint, sse_events, wait_idle, wait_until
+from tests.support.live_server import (
+    LiveServer,
+    assert_error,
+    make_checkpoint,
+    serve_process,
+    sse_events,
+    wait_idle,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG = {"prompt": "x", "max_new_tokens": 1000, "temperature": 0, "ignore_eos": True}
@@ -183,27 +189,9 @@ def test_an_engine_given_to_create_app_is_started_and_shut_down_with_it(checkpoi
     assert not engine.alive
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_drains_in_flight_requests_then_exits_0(checkpoint):
-    port = _free_port()
-    env = os.environ | {"OMP_NUM_THREADS": "1", "LMSERVE_SHUTDOWN_GRACE": "20", "LMSERVE_LOG_LEVEL": "warning"}
-    process = subprocess.Popen([sys.executable, "-m", "service", "serve", "--model", str(checkpoint), "--host",
-                                "127.0.0.1", "--port", str(port)], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    process, url = serve_process(checkpoint, LMSERVE_SHUTDOWN_GRACE="20", LMSERVE_LOG_LEVEL="warning")
     try:
-        def ready() -> bool:
-            assert process.poll() is None, process.stdout.read().decode()
-            try:
-                return httpx.get(url + "/ready", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-        wait_until(ready, timeout=60, interval=0.1, what="the server process")
         with httpx.Client(base_url=url, timeout=60) as client, client.stream(
                 "POST", "/generate", json=LONG | {"stream": True}) as response:
             events = sse_events(response.iter_lines())

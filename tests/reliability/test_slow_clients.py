@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +17,14 @@ import pytest
 
 from service.cli import RepeatLimit
 from service.settings import Settings
-from tests.support.live_server import LiveServer, make_checkpoint, sse_events, wait_idle, wait_until
+from tests.support.live_server import (
+    LiveServer,
+    make_checkpoint,
+    serve_process,
+    sse_events,
+    wait_idle,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -153,22 +157,8 @@ def test_a_client_that_stops_reading_is_dropped_and_its_requests_aborted(checkpo
 
 def test_shutdown_past_the_grace_period_ends_streams_with_abort_and_done(checkpoint):
     """A real `lmserve serve`, SIGTERM with streams that cannot finish in a 1 s grace period."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "LMSERVE_SHUTDOWN_GRACE": "1", "LMSERVE_LOG_LEVEL": "info"}
-    process = subprocess.Popen([sys.executable, "-m", "service", "serve", "--model", str(checkpoint), "--host",
-                                "127.0.0.1", "--port", str(port)], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    process, url = serve_process(checkpoint, LMSERVE_SHUTDOWN_GRACE="1", LMSERVE_LOG_LEVEL="info")
     try:
-        def ready() -> bool:
-            assert process.poll() is None
-            try:
-                return httpx.get(url + "/ready", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-        wait_until(ready, timeout=60, interval=0.1, what="the server process")
         long = {"prompt": ["x"] * 16, "max_new_tokens": 1000, "temperature": 0, "ignore_eos": True, "stream": True}
         with httpx.Client(base_url=url, timeout=60) as client, client.stream("POST", "/generate",
                                                                              json=long) as response:

@@ -4,6 +4,10 @@ Prometheus parsing, bounded waiting."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +22,7 @@ from service.app import create_app
 from service.settings import Settings
 from tests.support.models import make_model
 
+ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ["def add(a, b):\n    return a + b\n", "print('hello, world')", "你好，世界！数字和文字。", "🚀🌍 emoji 😀",
           "class Point:\n    x: int\n    y: int\n"] * 20
 
@@ -131,3 +136,31 @@ def wait_idle(server: LiveServer) -> dict[str, float]:
     assert metrics["lmserve_kv_cache_usage_ratio"] == 0
     assert metrics["lmserve_kv_cache_free_rows"] == metrics["lmserve_kv_cache_rows"]
     return metrics
+
+
+def serve_process(checkpoint: Path, **env: str) -> tuple[subprocess.Popen, str]:
+    """A real `python -m service serve` of `checkpoint` on a free loopback port (LMSERVE_* settings in `env`), its
+    output piped; returns once /ready is 200 (the caller stops it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "service", "serve", "--model", str(checkpoint), "--host",
+                                "127.0.0.1", "--port", str(port)], cwd=ROOT,
+                               env=os.environ | {"OMP_NUM_THREADS": "1", **env},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited: {process.stdout.read().decode()}")
+        try:
+            return httpx.get(url + "/ready", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+    try:
+        wait_until(ready, timeout=60, interval=0.1, what="the server process")
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return process, url
