@@ -76,13 +76,13 @@ def _activation(d: dict[str, Any], family: str) -> str:
         act = d.get("activation_function", "gelu_new")
         known = {**dict.fromkeys(GELU_TANH, "gelu_tanh"), "gelu": "gelu", "relu": "relu"}
     elif family == "gemma":
-        act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+        act = d.get("hidden_activation") or "gelu_pytorch_tanh"  # as transformers: Gemma's old hidden_act ignored
         known = dict.fromkeys(GELU_TANH, "geglu")
     else:
         act = d.get("hidden_act", "silu")
         known = {"silu": "swiglu"}
     if act not in known:
-        field = "activation_function" if family == "gpt2" else "hidden_act"
+        field = {"gpt2": "activation_function", "gemma": "hidden_activation"}.get(family, "hidden_act")
         raise ConfigError(f"config field '{field}' is {act!r}; lmserve computes {family} with {sorted(known)}")
     return known[act]
 

@@ -269,3 +269,16 @@ def test_lmserve_serve_serves_a_transformers_checkpoint_as_it_is(tmp_path):
         assert reason is not None and ("qk_norm" in reason or not CAN_BUILD)
     finally:
         server.stop()
+
+
+@torch.no_grad()
+def test_an_old_gemma_config_with_hidden_act_gelu_is_computed_as_transformers_does(tmp_path):
+    """Gemma's first config.json files said hidden_act "gelu" and no hidden_activation; transformers computes
+    tanh-GELU for them, and so does lmserve."""
+    theirs = hf_model("gemma")
+    directory = save_hf(theirs, tmp_path / "gemma")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(config | {"hidden_act": "gelu", "hidden_activation": None}))
+    ours = load_checkpoint(directory).model
+    assert ours.config.activation == "geglu"
+    assert (ours(ids()) - theirs(ids()).logits).abs().max() <= 1e-4
