@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -292,6 +292,5 @@ def _read_generation(directory: Path, raw_config: dict[str, Any], tokenizer: Tok
     config_eos = raw_config.get("eos_token_id")
     listed = config_eos if isinstance(config_eos, list) else [config_eos]
     from_tokenizer = [tokenizer.eos_id] if "eos_token" in tokenizer.config else []
-    eos = [i for i in dict.fromkeys([*generation.eos_token_ids, *listed, *from_tokenizer]) if isinstance(i, int)]
-    generation.eos_token_ids, generation.eos_token_id = tuple(eos), eos[0] if eos else None
-    return generation
+    more = tuple(i for i in (*generation.eos_token_ids, *listed, *from_tokenizer) if isinstance(i, int))
+    return replace(generation, eos_token_ids=more)  # __post_init__ merges them with eos_token_id, once each
